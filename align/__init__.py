@@ -1,0 +1,1 @@
+"""DPO with LoRA restricted to chosen blocks of decoder layers."""

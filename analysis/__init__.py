@@ -1,0 +1,1 @@
+"""Measure what block-restricted training changed."""

@@ -1,0 +1,1 @@
+"""Find functional blocks of decoder layers from data."""
