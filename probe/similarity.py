@@ -107,7 +107,7 @@ def debiased_linear_cka(X: np.ndarray, Y: np.ndarray) -> float:
     Returns:
         The debiased CKA (unitless). When X or Y is degenerate (every example
         has the same representation, so its centred Gram matrix is zero) the
-        ratio is 0/0; this function then returns 0.0 instead of NaN.
+        ratio is 0/0, and this function returns 0.0 instead of NaN.
 
     Raises:
         ValueError: If an input is not 2-D, has fewer than 4 examples, contains
@@ -170,8 +170,8 @@ def cka_matrix(features: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         ValueError: As `debiased_linear_cka`, for any layer, or if layers have
             different example counts.
     """
-    # NOTE: this holds n_layers float64 matrices of n_examples^2 entries at once,
-    # about 2.4 GB for 30 layers and 4,000 examples.
+    # NOTE: all n_layers float64 matrices of n_examples^2 entries stay in memory
+    # at once, about 3.8 GB for 30 layers and 4,000 examples.
     layers = _as_layer_list(features, "features")
     n_layers = len(layers)
 
@@ -223,7 +223,7 @@ def angular_distance(X: np.ndarray, Y: np.ndarray) -> float:
     """Compute the mean angular distance between paired rows of two representations.
 
     For each example i the distance is arccos(cos(X[i], Y[i])) / pi, where cos
-    is the cosine similarity; the result is its mean over examples.
+    is the cosine similarity. The result is its mean over examples.
 
     Args:
         X: Representation of shape (n_examples, d).
@@ -250,8 +250,8 @@ def angular_distance(X: np.ndarray, Y: np.ndarray) -> float:
 def consecutive_angular_distance(features: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """Compute the angular distance between each layer's output and the next layer's.
 
-    A small distance means layer l + 1 changed its input little, the
-    "block influence" idea used to find layers that can be skipped.
+    A small distance means layer l + 1 changed its input little. Scores of
+    this kind ("block influence") are used to rank layers for removal.
 
     Args:
         features: Per-layer representations of the same examples, an array of
