@@ -79,7 +79,7 @@ def plot_cka_heatmap(
         blocks: Partition as (name, start, end) half-open blocks covering
             [0, n_layers) in order; an empty sequence draws no boundaries.
         path: Output PNG file. Missing parent folders are created.
-        title: Figure title; it should say what was measured and on which model.
+        title: Figure title, which should state what was measured and on which model.
 
     Returns:
         The path written.
@@ -152,13 +152,13 @@ def plot_layer_curves(
 
     Args:
         curves: Curve name to values. A curve of shape (n_layers,) is drawn at
-            layers 0..n_layers-1. A curve of shape (n_layers - 1,) holds values
+            layers 0..n_layers-1. A curve of shape (n_layers - 1,) contains values
             between consecutive layers (such as angular distance) and is drawn
             at l + 0.5 for the pair (l, l + 1).
         blocks: Partition as (name, start, end) half-open blocks covering
             [0, n_layers) in order.
         path: Output PNG file. Missing parent folders are created.
-        title: Figure title; it should say what was measured.
+        title: Figure title, which should state what was measured.
         ylabel: Label of the value axis, with its unit, for example
             "probe accuracy (fraction correct)".
         n_layers: Number of layers. Defaults to the end of the last block, or

@@ -59,11 +59,12 @@ def test_plots_leave_no_temporary_files(tmp_path):
 def test_plots_do_not_open_pyplot_figures(tmp_path):
     import matplotlib.pyplot as plt
 
-    before = plt.get_fignums()
+    figures_before = plt.get_fignums()
+    backend_before = matplotlib.get_backend()
     plot_cka_heatmap(np.eye(10), BLOCKS, tmp_path / "cka.png")
 
-    assert plt.get_fignums() == before
-    assert matplotlib.get_backend()  # backend unchanged and still importable
+    assert plt.get_fignums() == figures_before
+    assert matplotlib.get_backend() == backend_before
 
 
 def test_plots_overwrite_existing_file(tmp_path):
