@@ -1,0 +1,392 @@
+"""Find functional blocks of decoder layers from data and write a partition.
+
+The pipeline: capture pooled activations of the capability suite at every
+layer, fit linear probes per layer and capability, compute the layer x layer
+debiased CKA matrix and consecutive angular distances, take the step-0 DPO
+gradient per layer and capability, then segment the layers exactly into
+contiguous blocks on a per-layer feature built from those signals, with a
+bootstrap for boundary stability.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from probe import __version__
+from probe.activations import LayerFeatures, extract_features
+from probe.attribution import attribution_mass, dpo_gradient_attribution
+from probe.io import write_json_atomic
+from probe.models import LoadedModel, load_model
+from probe.partition import CAPABILITIES, Block, Partition
+from probe.plots import plot_cka_heatmap, plot_layer_curves
+from probe.probes import LinearProbeSuite
+from probe.segment import bootstrap_boundaries, choose_k, segment
+from probe.similarity import cka_matrix, consecutive_angular_distance
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DiscoverConfig:
+    """Settings of `probe-layers`; each field becomes a `--flag`.
+
+    Attributes are documented in `probe.cli` help texts.
+    """
+
+    model: str = "smollm2"
+    out: str = "discovered.json"
+    work_dir: str | None = None
+    preset: Literal["thirds"] | None = None
+    blocks: int | None = None
+    max_blocks: int = 6
+    min_block: int = 2
+    seed: int = 0
+    n_train: int = 200
+    attribution_pairs: int = 16
+    cka_examples: int = 768
+    n_boot: int = 30
+    n_splits: int = 5
+    pooling: Literal["mean", "last"] = "mean"
+    batch_size: int = 16
+    max_length: int = 128
+    beta: float = 0.1
+    dtype: str = "float32"
+    device: str = "auto"
+    layers_path: str | None = None
+    resume: bool = False
+    signals: list[str] = field(default_factory=lambda: ["probe", "cka", "attribution"])
+
+    def resolved_work_dir(self) -> Path:
+        if self.work_dir:
+            return Path(self.work_dir)
+        out = Path(self.out)
+        return out.parent / f"{out.stem}-probe"
+
+
+@dataclass
+class LayerSignals:
+    """Per-layer measurements that the segmentation and the figures use.
+
+    Attributes:
+        probe_accuracy: Capability -> out-of-fold accuracy, shape (n_layers,).
+        probe_ci: Capability -> Wilson 95% interval, shape (n_layers, 2).
+        probe_selectivity: Capability -> accuracy minus shuffled-label control, shape (n_layers,).
+        attribution: Capability -> per-pair relative gradient norms, shape (n_pairs, n_layers).
+        cka: Debiased linear CKA, shape (n_layers, n_layers).
+        angular: Angular distance between consecutive layers in [0, 1], shape (n_layers - 1,).
+    """
+
+    probe_accuracy: dict[str, np.ndarray] = field(default_factory=dict)
+    probe_ci: dict[str, np.ndarray] = field(default_factory=dict)
+    probe_selectivity: dict[str, np.ndarray] = field(default_factory=dict)
+    attribution: dict[str, np.ndarray] = field(default_factory=dict)
+    cka: np.ndarray | None = None
+    angular: np.ndarray | None = None
+
+    def attribution_profile(self, capability: str) -> np.ndarray:
+        """Mean over pairs of the relative gradient norm, shape (n_layers,)."""
+        return self.attribution[capability].mean(axis=0)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready per-layer summary for the partition file."""
+        rounded = lambda values: [round(float(v), 5) for v in np.ravel(values)]  # noqa: E731
+        out: dict[str, Any] = {}
+        if self.probe_accuracy:
+            out["probe_accuracy"] = {c: rounded(v) for c, v in self.probe_accuracy.items()}
+            out["probe_selectivity"] = {c: rounded(v) for c, v in self.probe_selectivity.items()}
+        if self.attribution:
+            out["attribution"] = {c: rounded(self.attribution_profile(c)) for c in self.attribution}
+        if self.angular is not None:
+            out["angular_distance_next"] = rounded(self.angular)
+        if self.cka is not None:
+            out["cka_next"] = rounded(np.diag(self.cka, k=1))
+        return out
+
+
+# ---------------------------------------------------------------------------
+# measurement
+
+
+def suite_inputs(suite, n_train: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Probe texts of every capability: texts, labels (1 good, 0 corrupted), capability index."""
+    texts, labels, groups = [], [], []
+    for index, capability in enumerate(CAPABILITIES):
+        items = suite.probe_items(capability, "train")[: 2 * n_train]
+        texts += [item["text"] for item in items]
+        labels += [int(item["label"]) for item in items]
+        groups += [index] * len(items)
+    return texts, np.asarray(labels), np.asarray(groups)
+
+
+def fit_probes(features: LayerFeatures, labels: np.ndarray, groups: np.ndarray, config: DiscoverConfig,
+               signals: LayerSignals) -> None:
+    from tqdm.auto import tqdm
+
+    for index, capability in enumerate(tqdm(CAPABILITIES, desc="linear probes", unit="capability")):
+        rows = np.flatnonzero(groups == index)
+        probe = LinearProbeSuite(n_splits=config.n_splits, random_state=config.seed)
+        probe.fit(features.all_layers(config.pooling, rows), labels[rows])
+        signals.probe_accuracy[capability] = probe.accuracy_
+        signals.probe_ci[capability] = probe.accuracy_ci_
+        signals.probe_selectivity[capability] = probe.selectivity_
+
+
+def cka_sample(n_examples: int, limit: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if n_examples <= limit:
+        return np.arange(n_examples)
+    return np.sort(rng.choice(n_examples, size=limit, replace=False))
+
+
+def measure(loaded: LoadedModel, suite, config: DiscoverConfig, work_dir: Path) -> tuple[LayerSignals, LayerFeatures]:
+    texts, labels, groups = suite_inputs(suite, config.n_train)
+    logger.info("probing %d texts (%s) at %d layers", len(texts), ", ".join(CAPABILITIES), loaded.num_layers)
+    features = extract_features(
+        loaded.model, loaded.tokenizer, loaded.stack, texts, work_dir / "features",
+        batch_size=config.batch_size, max_length=config.max_length, resume=config.resume, model_name=loaded.spec.name,
+    )
+    signals = LayerSignals()
+    if "probe" in config.signals:
+        fit_probes(features, labels, groups, config, signals)
+    if "cka" in config.signals:
+        sample = cka_sample(len(texts), config.cka_examples, config.seed)
+        layer_features = features.all_layers(config.pooling, sample)
+        signals.cka = cka_matrix(layer_features)
+        signals.angular = consecutive_angular_distance(layer_features)
+    if "attribution" in config.signals:
+        for capability in CAPABILITIES:
+            pairs = suite.pairs(capability, "train")[: config.attribution_pairs]
+            signals.attribution[capability] = dpo_gradient_attribution(
+                loaded.model, loaded.tokenizer, loaded.stack, pairs, beta=config.beta,
+                max_length=config.max_length, desc=f"attribution ({capability})",
+            )
+    return signals, features
+
+
+# ---------------------------------------------------------------------------
+# segmentation
+
+
+def standardise_group(columns: np.ndarray) -> np.ndarray:
+    """Z-score each column, then scale the group so that its total variance is 1.
+
+    Every signal (the CKA rows, the probe curves, the attribution curves)
+    then weighs the same in the segmentation cost however many columns it has.
+    """
+    columns = np.asarray(columns, dtype=np.float64)
+    spread = columns.std(axis=0)
+    scaled = (columns - columns.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    return scaled / np.sqrt(columns.shape[1])
+
+
+def segmentation_features(signals: LayerSignals, cka: np.ndarray | None = None,
+                          attribution: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Per-layer feature matrix for segmentation, shape (n_layers, n_features)."""
+    cka = signals.cka if cka is None else cka
+    attribution = attribution if attribution is not None else {c: signals.attribution_profile(c) for c in signals.attribution}
+    groups = []
+    if cka is not None:
+        groups.append(standardise_group(cka))
+    if signals.probe_selectivity:
+        groups.append(standardise_group(np.stack([signals.probe_selectivity[c] for c in CAPABILITIES], axis=1)))
+    if attribution:
+        groups.append(standardise_group(np.stack([attribution[c] for c in CAPABILITIES], axis=1)))
+    if not groups:
+        raise ValueError("no signal was measured; `signals` must include probe, cka or attribution")
+    return np.concatenate(groups, axis=1)
+
+
+def bootstrap_feature_fn(signals: LayerSignals, features: LayerFeatures, config: DiscoverConfig):
+    """Return f(indices) -> segmentation features recomputed from resampled examples.
+
+    CKA is recomputed on a resample of the CKA examples and the attribution
+    profiles on a resample of the attribution pairs (the same index vector
+    drives both, modulo each pool's size).
+    """
+    # NOTE: probe curves enter every resample unchanged, because refitting
+    # cross-validated probes per resample costs minutes; the reported
+    # stability therefore covers CKA and attribution noise only.
+    sample = cka_sample(features.n_examples, config.cka_examples, config.seed)
+    cka_features = features.all_layers(config.pooling, sample) if signals.cka is not None else None
+
+    def feature_fn(indices: np.ndarray) -> np.ndarray:
+        cka = None
+        if cka_features is not None:
+            picked = indices % cka_features.shape[1]
+            cka = cka_matrix(cka_features[:, picked, :])
+        attribution = {c: rows[indices % rows.shape[0]].mean(axis=0) for c, rows in signals.attribution.items()}
+        return segmentation_features(signals, cka, attribution)
+
+    return feature_fn, len(sample)
+
+
+def block_names(k: int) -> list[str]:
+    """Names by position: local first, global last, intermediate between."""
+    if k == 1:
+        return ["all"]
+    if k == 2:
+        return ["local", "global"]
+    if k == 3:
+        return ["local", "intermediate", "global"]
+    return ["local", *[f"intermediate{i}" for i in range(1, k - 1)], "global"]
+
+
+def capability_scores(signals: LayerSignals, n_layers: int) -> dict[str, np.ndarray]:
+    """Per-layer score of each capability in [0, 1]: mean of max-normalised selectivity and attribution."""
+    scores = {}
+    for capability in CAPABILITIES:
+        parts = []
+        if capability in signals.probe_selectivity:
+            parts.append(signals.probe_selectivity[capability])
+        if capability in signals.attribution:
+            parts.append(signals.attribution_profile(capability))
+        normalised = [np.clip(p, 0, None) / max(float(np.max(p)), 1e-12) for p in parts]
+        scores[capability] = np.mean(normalised, axis=0) if normalised else np.zeros(n_layers)
+    return scores
+
+
+def assign_capabilities(ranges: list[tuple[int, int]], signals: LayerSignals, n_layers: int) -> list[str | None]:
+    """Give each block the capability most concentrated in it, or None.
+
+    A capability's concentration in a block is its mean score inside the
+    block minus its mean over all blocks. The block gets the capability with
+    the largest positive concentration.
+    """
+    scores = capability_scores(signals, n_layers)
+    means = {c: np.array([s[a:b].mean() for a, b in ranges]) for c, s in scores.items()}
+    assigned: list[str | None] = []
+    for index in range(len(ranges)):
+        excess = {c: float(m[index] - m.mean()) for c, m in means.items()}
+        best = max(excess, key=excess.get)
+        assigned.append(best if excess[best] > 1e-9 else None)
+    return assigned
+
+
+def discover_partition(signals: LayerSignals, features: LayerFeatures, loaded: LoadedModel,
+                       config: DiscoverConfig, data_hash: str) -> Partition:
+    n_layers = loaded.num_layers
+    F = segmentation_features(signals)
+    if config.blocks is not None:
+        k, costs = config.blocks, None
+    else:
+        max_blocks = min(config.max_blocks, n_layers // config.min_block)
+        k, costs = choose_k(F, max_blocks, config.min_block)
+    logger.info("segmenting %d layers into %d blocks (min_block=%d)", n_layers, k, config.min_block)
+
+    ranges = segment(F, k, config.min_block)
+    stability = None
+    if config.n_boot > 0 and k > 1:
+        feature_fn, n_examples = bootstrap_feature_fn(signals, features, config)
+        stability = bootstrap_boundaries(feature_fn, n_examples, config.n_boot, k, config.min_block, config.seed)
+        ranges = [tuple(block) for block in stability.blocks]
+
+    capabilities = assign_capabilities(ranges, signals, n_layers)
+    total_attribution = sum((signals.attribution_profile(c) for c in signals.attribution), np.zeros(n_layers))
+    masses = attribution_mass(total_attribution, ranges) if signals.attribution else [None] * k
+    blocks = [
+        Block(name, start, end, capability,
+              float(stability.block_stability[i]) if stability is not None else (1.0 if k == 1 else None),
+              masses[i])
+        for i, (name, (start, end), capability) in enumerate(zip(block_names(k), ranges, capabilities))
+    ]
+
+    method: dict[str, Any] = {
+        "signals": list(config.signals), "k": k, "k_chosen_by": "fixed" if config.blocks else "penalised cost (BIC-style)",
+        "min_block": config.min_block, "seed": config.seed, "data": data_hash, "pooling": config.pooling,
+        "n_train_per_capability": config.n_train, "attribution_pairs": config.attribution_pairs, "n_boot": config.n_boot,
+    }
+    if costs is not None:
+        method["cost_curve"] = [round(float(c), 5) for c in costs]
+    if stability is not None:
+        method["boundary_stability"] = [round(float(s), 3) for s in stability.boundary_stability]
+    partition = Partition(n_layers, blocks, model_metadata(loaded), method, signals.summary(),
+                          f"probe-layers {__version__}")
+    partition.validate()
+    return partition
+
+
+def model_metadata(loaded: LoadedModel) -> dict[str, Any]:
+    return {"name": loaded.spec.name, "source": loaded.spec.source, "num_layers": loaded.num_layers,
+            "layers_path": loaded.stack.path}
+
+
+# ---------------------------------------------------------------------------
+# output
+
+
+def write_figures(partition: Partition, signals: LayerSignals, work_dir: Path) -> list[Path]:
+    named = [(b.name, b.start, b.end) for b in partition.blocks]
+    model = partition.model.get("name", "model")
+    paths = []
+    if signals.cka is not None:
+        paths.append(plot_cka_heatmap(signals.cka, named, work_dir / "cka.png",
+                                      f"Debiased linear CKA between layers ({model})"))
+    if signals.probe_selectivity:
+        paths.append(plot_layer_curves(signals.probe_selectivity, named, work_dir / "probe_selectivity.png",
+                                       f"Linear probe selectivity per layer ({model})",
+                                       "selectivity (accuracy - control accuracy)"))
+    if signals.attribution:
+        profiles = {c: signals.attribution_profile(c) for c in signals.attribution}
+        paths.append(plot_layer_curves(profiles, named, work_dir / "attribution.png",
+                                       f"DPO loss gradient norm per layer at step 0 ({model})",
+                                       "||grad|| / ||params|| (mean over pairs)"))
+    return paths
+
+
+def save_signals(signals: LayerSignals, work_dir: Path) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for capability in signals.probe_accuracy:
+        arrays[f"probe_accuracy/{capability}"] = signals.probe_accuracy[capability]
+        arrays[f"probe_ci/{capability}"] = signals.probe_ci[capability]
+        arrays[f"probe_selectivity/{capability}"] = signals.probe_selectivity[capability]
+    for capability, rows in signals.attribution.items():
+        arrays[f"attribution/{capability}"] = rows
+    if signals.cka is not None:
+        arrays["cka"] = signals.cka
+        arrays["angular"] = signals.angular
+    from probe.io import atomic_path
+
+    with atomic_path(work_dir / "signals.npz") as temporary:
+        with temporary.open("wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def run_discovery(config: DiscoverConfig, loaded: LoadedModel | None = None) -> Partition:
+    """Run `probe-layers`: measure, segment and write the partition and figures.
+
+    Args:
+        config: The settings.
+        loaded: An already loaded model (skips loading `config.model`).
+
+    Returns:
+        The written partition.
+    """
+    started = time.perf_counter()
+    loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device, layers_path=config.layers_path)
+    work_dir = config.resolved_work_dir()
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    if config.preset == "thirds":
+        partition = Partition.thirds(loaded.num_layers, model_metadata(loaded))
+        partition.created_by = f"probe-layers {__version__}"
+        partition.save(config.out)
+        return partition
+
+    from probe.suite import load_suite
+
+    suite = load_suite(seed=config.seed, n_train=config.n_train)
+    signals, features = measure(loaded, suite, config, work_dir)
+    partition = discover_partition(signals, features, loaded, config, suite.manifest_hash)
+    partition.method["seconds"] = round(time.perf_counter() - started, 1)
+
+    partition.save(config.out)
+    save_signals(signals, work_dir)
+    write_figures(partition, signals, work_dir)
+    write_json_atomic(work_dir / "config.json", asdict(config))
+    return partition
