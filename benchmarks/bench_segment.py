@@ -42,7 +42,7 @@ def median_ms(function, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=80, help="number of layers L (default 80)")
-    parser.add_argument("--max-k", type=int, default=8, help="largest number of blocks K (default 8)")
+    parser.add_argument("--max-k", type=int, default=8, help="maximum number of blocks K (default 8)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per cell (default 20)")
     args = parser.parse_args()
 

@@ -89,7 +89,9 @@ def plot_cka_heatmap(
     """
     cka = np.asarray(cka, dtype=np.float64)
     if cka.ndim != 2 or cka.shape[0] != cka.shape[1]:
-        raise ValueError(f"`cka` must be a square matrix (n_layers, n_layers), got shape {cka.shape}.")
+        raise ValueError(
+            f"`cka` must be a square matrix (n_layers, n_layers), got shape {cka.shape}."
+        )
     n_layers = cka.shape[0]
     _check_blocks(blocks, n_layers)
 
@@ -182,7 +184,8 @@ def plot_layer_curves(
     axes = figure.add_subplot()
     _shade_blocks(axes, blocks)
     for name, values in arrays.items():
-        axes.plot(_curve_positions(values, name, n_layers), values, marker="o", markersize=3, label=name)
+        positions = _curve_positions(values, name, n_layers)
+        axes.plot(positions, values, marker="o", markersize=3, label=name)
 
     axes.set_xlim(-0.5, n_layers - 0.5)
     axes.set_xlabel(_LAYER_AXIS_LABEL)

@@ -167,7 +167,9 @@ class LinearProbeSuite(BaseEstimator):
         n_control = _count_out_of_fold_correct(self._make_pipeline(), features, shuffled, folds)
         return n_correct, n_control
 
-    def fit(self, features: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray) -> LinearProbeSuite:
+    def fit(
+        self, features: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray
+    ) -> LinearProbeSuite:
         """Probe every layer and its shuffled-label control.
 
         Args:

@@ -32,7 +32,7 @@ Block = tuple[int, int]
 
 
 def _as_feature_matrix(F: np.ndarray, name: str = "F") -> np.ndarray:
-    """Check a per-layer feature matrix and return it as finite float64 of shape (n_layers, n_features)."""
+    """Check per-layer features and return them as finite float64, shape (n_layers, n_features)."""
     F = np.asarray(F, dtype=np.float64)
     if F.ndim == 1:
         F = F[:, None]
