@@ -35,6 +35,7 @@ from typing import Literal
 
 from probe.data import brown, facts, logic, syntax
 from probe.data.common import (
+    CAPABILITIES,
     HELDOUT_FRACTION,
     SPLITS,
     Split,
@@ -48,7 +49,6 @@ from probe.data.sources import BROWN, EVALS, cache_root, fetch_sources, source_m
 
 logger = logging.getLogger(__name__)
 
-CAPABILITIES = ("syntax", "logic", "facts")
 # Bump when a change to the builders changes the pairs for the same inputs, so caches are rebuilt.
 BUILDER_VERSION = 1
 SCHEMA_VERSION = 1
