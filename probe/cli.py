@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--show-layers", action="store_true",
                         help="only print the layer map (index, module path, parameter count) and exit")
     parser.add_argument("--generate", metavar="PROMPT",
-                        help="with --show-layers: also greedy-generate an answer to PROMPT")
+                        help="with --show-layers: also print the greedy completion of PROMPT (chat template applied)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     return parser
 
@@ -93,7 +93,8 @@ def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
 
 
 def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    level = levels.get(verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbosity == 0:
         logging.getLogger("probe").setLevel(logging.INFO)

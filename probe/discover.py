@@ -289,10 +289,13 @@ def discover_partition(signals: LayerSignals, features: LayerFeatures, loaded: L
     capabilities = assign_capabilities(ranges, signals, n_layers)
     total_attribution = sum((signals.attribution_profile(c) for c in signals.attribution), np.zeros(n_layers))
     masses = attribution_mass(total_attribution, ranges) if signals.attribution else [None] * k
+    if stability is not None:
+        stabilities = [float(value) for value in stability.block_stability]
+    else:
+        # One block has no boundary to move; without a bootstrap the stability is unknown.
+        stabilities = [1.0 if k == 1 else None] * k
     blocks = [
-        Block(name, start, end, capability,
-              float(stability.block_stability[i]) if stability is not None else (1.0 if k == 1 else None),
-              masses[i])
+        Block(name, start, end, capability, stabilities[i], masses[i])
         for i, (name, (start, end), capability) in enumerate(zip(block_names(k), ranges, capabilities))
     ]
 

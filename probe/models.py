@@ -43,7 +43,7 @@ HUB_CONNECT_TIMEOUT_S = 3.0
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model comes from.
+    """Source of a model's weights and how to load them.
 
     Attributes:
         name: The alias or the id the user gave.
@@ -103,7 +103,7 @@ class LoadedModel:
     Attributes:
         model: The transformers model, in eval mode.
         tokenizer: Its tokenizer, with a pad token set.
-        spec: Where the model came from.
+        spec: Source of the weights.
         stack: The decoder layers (see `probe.layers.resolve_layers`).
         checkpoint: Directory that `from_pretrained` reads this model from
             (the conversion cache for GGUF models), or None for tiny models.
@@ -283,7 +283,7 @@ def assemble_gemma_chunks(spec: ModelSpec, install_hint: str) -> Path:
 
 
 def ensure_hub_model(spec: ModelSpec) -> str:
-    """Return the hub id if its files are cached locally or the hub answers; fail fast otherwise."""
+    """Return the hub id if its files are cached locally or the hub is reachable; fail fast otherwise."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -305,7 +305,7 @@ def ensure_hub_model(spec: ModelSpec) -> str:
 
 
 def hub_unreachable_reason() -> str | None:
-    """Return why the HF hub cannot be reached within a few seconds, or None if it answers."""
+    """Return why the HF hub cannot be reached within a few seconds, or None if it is reachable."""
     endpoint = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")
     host = endpoint.split("://", 1)[-1].split("/", 1)[0]
     hostname, _, port = host.partition(":")
