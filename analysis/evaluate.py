@@ -84,20 +84,22 @@ class EvalData:
         }
 
 
-def eval_data_from_suite(seed: int = 0, n_heldout: int = 100, n_texts: int = 100) -> EvalData:
+def eval_data_from_suite(seed: int = 0, n_train: int = 300, n_heldout: int = 100, n_texts: int = 100) -> EvalData:
     """Load the held-out pairs of every capability and Brown passages from the capability suite.
 
     Args:
         seed: Suite seed (the same as training uses, so held-out pairs stay unseen).
+        n_train: Train pairs per capability, as training used; the suite is built from both counts.
         n_heldout: Held-out pairs per capability.
         n_texts: Maximum number of Brown passages for perplexity.
     """
     from probe.suite import CAPABILITIES, load_suite
 
-    suite = load_suite(seed=seed, n_heldout=n_heldout)
+    suite = load_suite(seed=seed, n_train=n_train, n_heldout=n_heldout)
     pairs = {capability: list(suite.pairs(capability, "heldout")) for capability in CAPABILITIES}
     texts = list(suite.brown_passages("heldout"))[:n_texts]
-    return EvalData(pairs, texts, {"suite_seed": seed, "n_heldout": n_heldout, "split": "heldout"})
+    source = {"suite_manifest_hash": suite.manifest_hash, "suite_seed": seed, "n_heldout": n_heldout, "split": "heldout"}
+    return EvalData(pairs, texts, source)
 
 
 def group_name(run_name: str) -> str:
