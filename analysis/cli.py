@@ -168,6 +168,9 @@ def run_experiment_command(args: argparse.Namespace) -> None:
         partition=args.partition, seeds=parse_int_list(args.seeds, "--seeds"), max_steps=args.max_steps,
         runs_dir=args.runs_dir, align_options=parse_align_args(args.align_arg),
     )
+    # Training and evaluation must build the same suite, or held-out pairs could leak into training.
+    experiment.align_options.setdefault("n_train", args.n_train)
+    experiment.align_options.setdefault("n_heldout", args.n_heldout)
     experiment.validate()
     settings = evaluation_settings(args)
     if args.no_eval:

@@ -9,6 +9,7 @@ adapted"), never coloured as a zero update.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
@@ -56,6 +57,13 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 150) -> Path:
         figure.savefig(temporary, format="png", dpi=dpi)
     logger.info("wrote %s", path)
     return path
+
+
+def figure_png(figure: Figure, dpi: int = 110) -> bytes:
+    """Render `figure` as PNG bytes, e.g. for `IPython.display.Image` in a notebook."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def shared_range(tables: list[LayerTable], metric: str) -> tuple[float, float]:
