@@ -48,10 +48,10 @@ def load_pairs(spec: str, config: AlignConfig, *, capability: str | None = None,
 
     rows = load_data_spec(spec, split, seed=config.seed, n_train=config.n_train, n_heldout=config.n_heldout)
     if capability is not None and not spec.startswith(SUITE_PREFIX):
-        if rows and "capability" not in rows[0]:
+        if rows and all(row.get("capability") is None for row in rows):
             raise AlignConfigError(
-                f"`data`: {spec} has no `capability` column, which --strategy routed needs to give each block its "
-                f"own pairs; add the column (syntax, logic or facts) or use --data suite:all"
+                f"`data`: {spec} has no `capability` values, which --strategy routed needs to give each block its "
+                f"own pairs; add a `capability` column (syntax, logic or facts) or use --data suite:all"
             )
         rows = [row for row in rows if row.get("capability") == capability]
     if not rows:

@@ -131,8 +131,17 @@ def build_lora_config(
         layers_pattern=stack.layers_pattern,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
+        # GPT-2 style Conv1D layers store the weight transposed; PEFT needs to be told so.
+        fan_in_fan_out=uses_conv1d(stack, targets),
         bias="none",
         task_type="CAUSAL_LM",
+    )
+
+
+def uses_conv1d(stack: LayerStack, targets: list[str]) -> bool:
+    return any(
+        isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets
+        for name, module in stack.layers[0].named_modules()
     )
 
 
