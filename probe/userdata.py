@@ -7,8 +7,8 @@ when the hub is reachable.
 Accepted row forms, following TRL's preference formats:
 
 - standard: `prompt`, `chosen`, `rejected` are strings;
-- conversational: each is a list of `{"role", "content"}` messages; without a `prompt` column the
-  prompt is the longest common prefix of the `chosen` and `rejected` conversations (implicit prompt);
+- conversational: each is a list of `{"role", "content"}` messages. Without a `prompt` column, the
+  prompt is the longest common prefix of the `chosen` and `rejected` conversations (implicit prompt).
 - mixed: a conversational prompt with string answers (or the reverse) becomes conversational.
 
 An optional `capability` column assigns rows to `syntax`, `logic` or `facts`. In CSV files,
@@ -88,7 +88,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
 
 
 def _parse_cell(value: str) -> Any:
-    """Decode a CSV cell that holds a JSON list of messages; leave any other text unchanged."""
+    """Decode a CSV cell that contains a JSON list of messages; leave any other text unchanged."""
     stripped = value.strip()
     if stripped.startswith("[") and stripped.endswith("]"):
         try:
@@ -344,7 +344,7 @@ def load_preference_data(path_or_name: str, *, max_length_chars: int | None = No
     source = str(path_or_name)
     raw = read_raw_rows(path_or_name, split)
     if not raw:
-        raise DataValidationError(f"{source}: no rows found. Check that the file holds preference data.")
+        raise DataValidationError(f"{source}: no rows found. Check that the file contains preference data.")
 
     rows, form = [], None
     for number, record in raw:

@@ -78,7 +78,8 @@ def _check_syntax_edit(pair: dict) -> None:
     elif kind == "swap":
         positions = [i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b]
         assert len(chosen) == len(rejected), pair
-        assert len(positions) == 2 and positions[1] == positions[0] + 1, pair
+        assert len(positions) == 2, pair
+        assert positions[1] == positions[0] + 1, pair
         i = positions[0]
         assert (chosen[i], chosen[i + 1]) == (rejected[i + 1], rejected[i]), pair
     elif kind == "det_insert":
@@ -150,7 +151,8 @@ def test_suite_split_disjoint_brown_documents(suite):
         sources = [p["source"] for c in ("syntax", "logic") for p in suite.pairs(c, split)]
         return {s.split(":")[1] for s in sources if s.startswith("brown:")}
 
-    assert documents("train") and documents("heldout")
+    assert documents("train")
+    assert documents("heldout")
     assert not documents("train") & documents("heldout")
 
 

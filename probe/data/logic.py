@@ -46,6 +46,7 @@ _SYLLOGISM = re.compile(r"Is the following statement true\?\s*(?P<statement>.*?)
 _DEDUCTION = re.compile(r"Passage:\s*(?P<passage>.*?)\s*Question:\s*(?P<statement>.*?)\s*Answer:", re.DOTALL)
 _NOT_AN_ANSWER = "none of the other options are correct"
 
+# (question, answer calling the argument invalid, answer calling it valid) for each phrasing.
 _SYLLOGISM_FRAMES = (
     ("Is this argument valid?", "No, the argument is invalid.", "Yes, the argument is valid."),
     ("Is this argument invalid?", "Yes, the argument is invalid.", "No, the argument is valid."),
@@ -100,7 +101,9 @@ def logiqa_units(wheel: Path) -> list[LogicUnit]:
                 continue
             seen.add((passage, question))
             rejected = _closest_in_length(correct, wrong)
-            longer = "chosen" if len(correct) > len(rejected) else "rejected" if len(correct) < len(rejected) else "equal"
+            longer = "equal"
+            if len(correct) != len(rejected):
+                longer = "chosen" if len(correct) > len(rejected) else "rejected"
             units.append(LogicUnit("logiqa", "logiqa:" + passage.lower(), f"evals:{member}:{line}",
                                    f"{passage}\nQuestion: {question}\nAnswer:", correct, [rejected], stratum=longer))
     return units
@@ -177,17 +180,8 @@ def _finish_pair(unit: LogicUnit, index: int, rng: random.Random) -> tuple[str, 
         chosen, rejected = (invalid_answer, valid_answer) if unit.chosen == "invalid" else (valid_answer, invalid_answer)
         prompt = ("Judge the argument by its logical form alone, ignoring what you know about the world.\n"
                   f"Argument: {unit.prompt}\nQuestion: {question}\nAnswer:")
-        return prompt, _swap_yes_no(chosen, question), _swap_yes_no(rejected, question)
+        return prompt, chosen, rejected
     return unit.prompt, unit.chosen, unit.wrong[0]
-
-
-def _swap_yes_no(answer: str, question: str) -> str:
-    """Make the yes/no word agree with the frame: "invalid?" is answered "Yes" exactly when the argument is invalid."""
-    invalid_claim = answer.endswith("invalid.")
-    asks_invalid = question.endswith("invalid?")
-    says_yes = invalid_claim == asks_invalid
-    body = answer.split(", ", 1)[1]
-    return ("Yes, " if says_yes else "No, ") + body
 
 
 def _sample_units(units: list[LogicUnit], n: int, rng: random.Random) -> list[LogicUnit]:

@@ -9,7 +9,7 @@ Edit kinds, each applied to one position and nothing else:
 - `drop`: a function word is dropped (`size of this city` -> `size this city`).
 
 `det_insert` adds one word and `drop` removes one, and both get the same quota, so the mean word
-counts of chosen and rejected agree. The prompt is the start of the sentence and the answers are its
+counts of chosen and rejected agree. Other kinds get equal quotas up to what the sentences supply. The prompt is the start of the sentence and the answers are its
 continuation, which begins at most four tokens before the edit.
 """
 
@@ -185,36 +185,59 @@ def _sentences_for_split(corpus: BrownCorpus, split: Split) -> list[tuple[str, S
     return result
 
 
+def _capacities(candidates: list[dict[str, list[Edit]]]) -> dict[str, int]:
+    """Count sentences offering each kind; `det_insert` and `drop` share the smaller count to stay balanced."""
+    capacity = {kind: sum(1 for edits in candidates if edits[kind]) for kind in EDIT_KINDS}
+    paired = min(capacity["det_insert"], capacity["drop"])
+    capacity["det_insert"] = capacity["drop"] = paired
+    return capacity
+
+
+def _pair_from_sentence(words: list[str], edits: list[Edit], rng: random.Random) -> tuple[str, str, str] | None:
+    for edit in rng.sample(edits, len(edits)):
+        texts = make_pair(words, edit, rng)
+        if texts is not None:
+            return texts
+    return None
+
+
 def build_syntax(corpus: BrownCorpus, split: Split, n: int, seed: int) -> list[dict]:
-    """Build `n` syntax pairs for one split, with an equal quota per edit kind.
+    """Build `n` syntax pairs for one split, with an equal quota per edit kind where the sentences allow it.
+
+    A sentence yields at most one pair per edit kind. The first pass over the shuffled sentences
+    takes one pair per sentence. Later passes reuse sentences for other kinds, which happens only
+    when the quotas need more pairs than there are sentences.
 
     Raises:
-        ValueError: If the split's sentences cannot supply the quota of some edit kind.
+        ValueError: If the split's sentences cannot supply `n` pairs.
     """
     rng = random.Random(f"{seed}:syntax:{split}")
-    quotas = allocate(n, {k: n for k in EDIT_KINDS}, {k: 1.0 for k in EDIT_KINDS}, "syntax")
     base_forms = base_verb_forms(corpus)
     sentences = _sentences_for_split(corpus, split)
     rng.shuffle(sentences)
+    candidates = [candidate_edits(sentence, base_forms) for _, sentence in sentences]
+    quotas = allocate(n, _capacities(candidates), dict.fromkeys(EDIT_KINDS, 1.0), f"syntax ({split})")
 
     pairs: list[dict] = []
     counts = dict.fromkeys(EDIT_KINDS, 0)
-    for source, sentence in sentences:
-        if len(pairs) == n:
-            break
-        edits = candidate_edits(sentence, base_forms)
-        open_kinds = [k for k in EDIT_KINDS if edits[k] and counts[k] < quotas[k]]
-        if not open_kinds:
-            continue
-        kind = max(open_kinds, key=lambda k: quotas[k] - counts[k])
-        words = [t.word for t in sentence]
-        texts = make_pair(words, rng.choice(edits[kind]), rng)
-        if texts is None:
-            continue
-        counts[kind] += 1
-        prompt, chosen, rejected = texts
-        pairs.append({"id": f"syntax:{source}", "capability": "syntax", "source": source, "kind": kind,
-                      "split": split, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+    used: list[set[str]] = [set() for _ in sentences]
+    for _ in EDIT_KINDS:
+        for index, (source, sentence) in enumerate(sentences):
+            if len(pairs) == n:
+                break
+            edits = candidates[index]
+            open_kinds = [k for k in EDIT_KINDS if edits[k] and counts[k] < quotas[k] and k not in used[index]]
+            if not open_kinds:
+                continue
+            kind = max(open_kinds, key=lambda k: quotas[k] - counts[k])
+            texts = _pair_from_sentence([t.word for t in sentence], edits[kind], rng)
+            used[index].add(kind)
+            if texts is None:
+                continue
+            counts[kind] += 1
+            prompt, chosen, rejected = texts
+            pairs.append({"id": f"syntax:{source}:{kind}", "capability": "syntax", "source": source, "kind": kind,
+                          "split": split, "prompt": prompt, "chosen": chosen, "rejected": rejected})
 
     if len(pairs) < n:
         raise ValueError(f"syntax: the {split} split supplies only {counts} of the quotas {quotas}; "
