@@ -46,6 +46,10 @@ from probe.data.common import (
     write_json,
 )
 from probe.data.sources import BROWN, EVALS, cache_root, fetch_sources, source_manifest
+from probe.userdata import DataValidationError, PreferenceData, load_preference_data
+
+__all__ = ["CAPABILITIES", "DataValidationError", "PreferenceData", "Suite", "build_suite", "load_data_spec",
+           "load_preference_data", "load_suite", "read_suite"]
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +296,6 @@ def load_data_spec(spec: str, split: Split = "train", *, seed: int = 0, n_train:
                              f"{', '.join(SUITE_PREFIX + c for c in CAPABILITIES)}.")
         suite = load_suite(seed=seed, n_train=n_train, n_heldout=n_heldout, cache_dir=cache_dir)
         return suite.pairs(None if name == "all" else name, split)
-
-    from probe.userdata import load_preference_data
 
     return load_preference_data(spec, max_length_chars=max_length_chars, split=split).rows
 
