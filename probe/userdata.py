@@ -29,7 +29,6 @@ from probe.data.common import CAPABILITIES
 
 logger = logging.getLogger(__name__)
 
-ANSWER_FIELDS = ("chosen", "rejected")
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 HELDOUT_SPLIT_NAMES = ("heldout", "test", "validation")

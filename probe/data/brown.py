@@ -16,7 +16,6 @@ import logging
 import re
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from probe.data.common import Split, split_of, stable_fraction
