@@ -82,6 +82,8 @@ def _is_word(word: str) -> bool:
 
 
 def agreement_edits(sentence: Sentence, base_forms: frozenset[str]) -> list[Edit]:
+    # NOTE: the subject is not checked, so a flip after a collective noun ("the jury believes" ->
+    # "the jury believe") can yield text that British English accepts.
     edits = []
     for i, token in enumerate(sentence):
         new = _FIXED_AGREEMENT.get((token.tag, token.word.lower()))
