@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,8 @@ def build_dpo_config(config: AlignConfig, output_dir: Path) -> DPOConfig:
         "save_steps": config.save_steps,
         "save_total_limit": 2,
         "report_to": config.report_to,
-        "use_cpu": config.device == "cpu",
+        # The same flag as the PartialState of run_alignment, so that a CPU launch with several processes uses gloo.
+        "use_cpu": runs_on_cpu(config),
         # Mixed precision is off: parameters already have --dtype.
         "bf16": False,
         "fp16": False,
@@ -163,6 +165,12 @@ def load_base(config: AlignConfig) -> LoadedModel:
     loaded = load_model(config.model, dtype=config.dtype, device="cpu", layers_path=config.layers_path)
     loaded.model = prepare_base_model(loaded.model, merge=config.merge_adapter, name=repr(config.model))
     return loaded
+
+
+def runs_on_cpu(config: AlignConfig) -> bool:
+    """Tell whether training runs on the CPU: `--device cpu`, `accelerate launch --cpu`, or no CUDA device."""
+    forced = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return config.device == "cpu" or forced or not torch.cuda.is_available()
 
 
 def select_device(config: AlignConfig, state: PartialState) -> None:
@@ -296,7 +304,9 @@ def run_alignment(config: AlignConfig, *, callbacks: list[TrainerCallback] | Non
         AlignConfigError, probe.partition.PartitionError, ValueError: For invalid settings or input files.
         CoverageError, ReferenceMismatchError, NonFiniteLossError: When a training guard fires.
     """
-    state = PartialState()
+    # Created before anything else, with the CPU flag that DPOConfig will also pass, so every later
+    # PartialState (the Trainer's included) shares this distributed set-up.
+    state = PartialState(cpu=runs_on_cpu(config))
     select_device(config, state)
     set_seed(config.seed)
     run_dir = run_directory(config)
