@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 Sampling = Literal["greedy", "sample"]
 SAMPLING_MODES: tuple[str, ...] = ("greedy", "sample")
 Message = dict[str, str]
+# Generation and the local judge use the GPU when there is one. Greedy answers can differ
+# slightly between devices, and the cache key does not include the device.
+MODEL_DEVICE = "auto"
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,7 @@ def base_generator(base_model: str, settings: GenerationSettings) -> Callable[[l
     def generate_missing(prompts: list[dict]) -> list[str]:
         from probe.models import load_model
 
-        loaded = load_model(base_model)
+        loaded = load_model(base_model, device=MODEL_DEVICE)
         return answer_prompts(loaded.model, loaded.tokenizer, prompts, settings, desc="base answers")
 
     return generate_missing
@@ -301,7 +304,7 @@ def load_run_model(run: RunInfo) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
     from probe.models import load_model
 
-    loaded = load_model(run.model_name)
+    loaded = load_model(run.model_name, device=MODEL_DEVICE)
     first, *others = run.adapters
     model = PeftModel.from_pretrained(loaded.model, str(first.path), adapter_name=first.name)
     for adapter in others:

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from analysis.generate import (
+    MODEL_DEVICE,
     SAMPLING_MODES,
     GenerationCache,
     GenerationSettings,
@@ -238,7 +239,7 @@ class HttpJudge:
 
 
 def completion_text(response: httpx.Response, request_id: str, endpoint: str) -> str:
-    """Return `choices[0].message.content` of a chat completion; an empty or null content gives ""."""
+    """Return the text of `choices[0].message.content` of a chat completion; a null content gives ""."""
     try:
         content = response.json()["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError) as error:
@@ -247,7 +248,10 @@ def completion_text(response: httpx.Response, request_id: str, endpoint: str) ->
             f"({type(error).__name__}; body starts {response.text[:200]!r}). Check --judge-url: it should "
             "be the API base that ends before /chat/completions, e.g. http://127.0.0.1:8000/v1"
         ) from error
-    return content or ""
+    if isinstance(content, list):
+        # Some servers return the content as a list of typed parts, e.g. [{"type": "text", "text": "..."}].
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
 
 
 def status_hint(status: int) -> str:
@@ -270,7 +274,7 @@ class LocalJudge:
     def __init__(self, model_name: str, *, max_tokens: int = JUDGE_MAX_TOKENS, batch_size: int = 8) -> None:
         from probe.models import load_model
 
-        loaded = load_model(model_name)
+        loaded = load_model(model_name, device=MODEL_DEVICE)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.settings = GenerationSettings(max_new_tokens=max_tokens, sampling="greedy", batch_size=batch_size)
@@ -723,6 +727,36 @@ def write_outputs(out_dir: Path, results: dict, requests: Sequence[JudgeRequest]
     write_text_atomic(out_dir / "judgments.jsonl", "".join(line + "\n" for line in lines))
     write_json_atomic(out_dir / "judge.json", results)
     logger.info("wrote judge results to %s", out_dir / "judge.json")
+
+
+def judge_markdown(results: dict) -> str:
+    """Render `judge_runs` results as a Markdown table: one row per run and dimension, then the pairwise counts."""
+    lines = [
+        "| run | dimension | base | run | delta [95% CI] | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in results["runs"].items():
+        for dimension, summary in run["dimensions"].items():
+            lines.append(f"| {name} | {dimension} | {format_cell(summary, 'base_mean')} | "
+                         f"{format_cell(summary, 'run_mean')} | {format_delta(summary)} | {summary['n']} |")
+        pairwise = run["pairwise"]
+        if pairwise is not None:
+            rate = "n/a" if pairwise["inconsistent_rate"] is None else f"{pairwise['inconsistent_rate']:.0%}"
+            lines.append(f"| {name} | pairwise win/loss/tie | | | {pairwise['win']}/{pairwise['loss']}/"
+                         f"{pairwise['tie']} (inconsistent {rate}) | {pairwise['n']} |")
+        lines.append(f"| {name} | unparseable replies | | | {run['unparseable']} | |")
+    return "\n".join(lines) + "\n"
+
+
+def format_cell(summary: dict, key: str) -> str:
+    return "n/a" if summary[key] is None else f"{summary[key]:.2f}"
+
+
+def format_delta(summary: dict) -> str:
+    if summary["delta"] is None:
+        return "n/a"
+    low, high = summary["ci"]
+    return f"{summary['delta']:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def redact_url(url: str) -> str:

@@ -26,6 +26,7 @@ from analysis.judge import (
     JudgeRequestError,
     JudgeResponseError,
     add_judge_arguments,
+    judge_markdown,
     judge_options_from_args,
     judge_runs,
     paired_summary,
@@ -200,6 +201,12 @@ def test_http_judge_sends_standard_body():
     assert sent["body"]["model"] == "judge-model"
     assert sent["body"]["messages"] == request().messages
     assert sent["body"]["temperature"] == 0
+
+
+def test_http_judge_joins_content_parts():
+    parts = json.dumps({"choices": [{"message": {"content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}}]})
+    with LoopbackEndpoint(lambda index, body: (200, parts, 0, {})) as endpoint:
+        assert make_judge(endpoint.url).complete(request()) == "AB"
 
 
 def test_http_judge_omits_auth_without_key():
@@ -404,6 +411,10 @@ def test_judge_runs_over_http(run_dir, tmp_path, monkeypatch, caplog):
     assert SECRET not in caplog.text
     assert all(request["headers"]["Authorization"] == f"Bearer {SECRET}" for request in endpoint.requests)
 
+    table = judge_markdown(results)
+    assert "| local | fluency | 7.00 | 7.00 | +0.00 [+0.00, +0.00] | 2 |" in table
+    assert "| local | pairwise win/loss/tie | | | 0/0/2 (inconsistent 100%) | 2 |" in table
+
 
 def test_judge_runs_reuses_cached_generations(run_dir, tmp_path, monkeypatch):
     out_dir = tmp_path / "report"
@@ -446,6 +457,7 @@ def test_judge_runs_with_local_model(run_dir, tmp_path, monkeypatch):
     assert run["unparseable"] == 3 + 6
     assert run["dimensions"]["fluency"]["n"] == 0
     assert run["pairwise"]["n"] == 0
+    assert "| local | fluency | n/a | n/a | n/a | 0 |" in judge_markdown(results)
 
 
 @pytest.mark.parametrize(
