@@ -62,6 +62,14 @@ MANIFEST_FILE = "manifest.json"
 SUITE_PREFIX = "suite:"
 
 
+def completion_with_separator(pair: dict) -> dict:
+    """Copy a stored pair with a space in front of `chosen` and `rejected`."""
+    row = dict(pair)
+    for answer in ("chosen", "rejected"):
+        row[answer] = " " + row[answer]
+    return row
+
+
 @dataclass
 class Suite:
     """A built capability suite: pairs and held-out text, read from one cache directory."""
@@ -79,16 +87,20 @@ class Suite:
     def pairs(self, capability: str | None = None, split: Split = "train") -> list[dict]:
         """Return preference pairs in TRL's standard format, plus `capability`, `id`, `source`, `kind`, `split`.
 
+        `chosen` and `rejected` start with a space, because TRL's DPOTrainer
+        joins `prompt + chosen` with no separator.
+
         Args:
             capability: One of `CAPABILITIES`, or None for all three.
             split: `train` or `heldout`.
         """
         _check_capability(capability)
         _check_split(split)
-        return [dict(p) for p in self._pairs if p["split"] == split and capability in (None, p["capability"])]
+        return [completion_with_separator(p) for p in self._pairs
+                if p["split"] == split and capability in (None, p["capability"])]
 
     def probe_items(self, capability: str | None = None, split: Split = "train") -> list[dict]:
-        """Return two probe items per pair: `prompt + " " + chosen` (label 1) and `prompt + " " + rejected` (label 0).
+        """Return two probe items per pair: `prompt + chosen` (label 1) and `prompt + rejected` (label 0).
 
         Items carry `text`, `label`, `capability`, `id` (the pair id plus `:chosen` or `:rejected`),
         `pair_id` and `kind`, so both texts of a pair can be kept in the same fold.
@@ -96,7 +108,7 @@ class Suite:
         items = []
         for pair in self.pairs(capability, split):
             for label, answer in ((1, "chosen"), (0, "rejected")):
-                items.append({"text": f"{pair['prompt']} {pair[answer]}", "label": label,
+                items.append({"text": pair["prompt"] + pair[answer], "label": label,
                               "capability": pair["capability"], "id": f"{pair['id']}:{answer}",
                               "pair_id": pair["id"], "kind": pair["kind"]})
         return items

@@ -158,7 +158,7 @@ def test_suite_split_disjoint_brown_documents(suite):
 
 def test_suite_split_disjoint_sentences(suite):
     def sentences(split):
-        return {p["prompt"] + " " + p["chosen"] for p in suite.pairs("syntax", split)}
+        return {p["prompt"] + p["chosen"] for p in suite.pairs("syntax", split)}
 
     assert not sentences("train") & sentences("heldout")
 
@@ -193,6 +193,13 @@ def test_suite_facts_rejected_changes_value_only(suite):
         assert chosen.group(2) != rejected.group(2), pair
 
 
+def test_suite_pairs_join_like_trl(suite):
+    for pair in suite.pairs(None, "train"):
+        assert pair["chosen"].startswith(" "), pair["id"]
+        assert pair["rejected"].startswith(" "), pair["id"]
+        assert not pair["prompt"].endswith(" "), pair["id"]
+
+
 def test_suite_probe_items(suite):
     pairs = suite.pairs("logic", "heldout")
     items = suite.probe_items("logic", "heldout")
@@ -200,16 +207,16 @@ def test_suite_probe_items(suite):
     assert sum(item["label"] for item in items) == len(pairs)
     by_id = {item["id"]: item for item in items}
     for pair in pairs:
-        assert by_id[pair["id"] + ":chosen"]["text"] == pair["prompt"] + " " + pair["chosen"]
+        assert by_id[pair["id"] + ":chosen"]["text"] == pair["prompt"] + pair["chosen"]
         assert by_id[pair["id"] + ":chosen"]["label"] == 1
-        assert by_id[pair["id"] + ":rejected"]["text"] == pair["prompt"] + " " + pair["rejected"]
+        assert by_id[pair["id"] + ":rejected"]["text"] == pair["prompt"] + pair["rejected"]
         assert by_id[pair["id"] + ":rejected"]["label"] == 0
 
 
 def test_suite_brown_passages_unused_in_pairs(suite):
     passages = suite.brown_passages("heldout")
     assert len(passages) > 50
-    sentences = [p["prompt"] + " " + p["chosen"] for p in suite.pairs("syntax", "train") + suite.pairs("syntax", "heldout")]
+    sentences = [p["prompt"] + p["chosen"] for p in suite.pairs("syntax", "train") + suite.pairs("syntax", "heldout")]
     joined = "\n".join(passages + suite.brown_passages("train"))
     assert not [s for s in sentences if s in joined]
 
