@@ -1,7 +1,7 @@
 """Training guards: no double wrapping, step-0 loss, non-finite loss, a loss stuck at ln 2, metrics file.
 
-`LossMonitor` sees every training loss (the trainer calls `observe`), and the
-callbacks act on what it saw at the step boundaries of the transformers
+The trainer passes every training loss to `LossMonitor.observe`, and the
+callbacks act on what it recorded at the step boundaries of the transformers
 `Trainer` loop.
 """
 
@@ -96,7 +96,7 @@ def merge_injected_adapters(model: nn.Module, name: str) -> nn.Module:
 
 @dataclass
 class NonFiniteEvent:
-    """Where the loss first became NaN or infinite."""
+    """The first micro-batch whose loss was NaN or infinite."""
 
     step: int  # 1-based optimizer step being computed
     micro_batch: int  # 0-based index of the micro-batch within that step
@@ -173,7 +173,7 @@ class NonFiniteLossCallback(TrainerCallback):
     """Stop training at the first NaN or infinite loss or gradient, and save a checkpoint.
 
     The gradients of that step are dropped before the optimizer step, so the
-    saved checkpoint holds the weights from before the bad step. The check of
+    saved checkpoint contains the weights from before the bad step. The check of
     the gradients runs after the DDP all-reduce, so every process stops at the
     same step.
     """

@@ -131,7 +131,7 @@ def build_lora_config(
         layers_pattern=stack.layers_pattern,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        # GPT-2 style Conv1D layers store the weight transposed; PEFT needs to be told so.
+        # GPT-2 style Conv1D layers store the weight transposed, which PEFT must know.
         fan_in_fan_out=uses_conv1d(stack, targets),
         bias="none",
         task_type="CAUSAL_LM",
@@ -151,7 +151,7 @@ def uses_conv1d(stack: LayerStack, targets: list[str]) -> bool:
 
 @dataclass
 class CoverageReport:
-    """What PEFT adapted, read back from the wrapped model.
+    """The LoRA modules of one adapter, read back from the wrapped model.
 
     Attributes:
         adapter: The adapter name checked.

@@ -55,7 +55,7 @@ def test_accelerate_launch_cpu_flag(tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_two_processes(tmp_path):
-    # Two DDP processes over gloo on the CPU: each step sees two pairs of the six.
+    # Two DDP processes over gloo on the CPU: each step uses two of the six pairs.
     run_dir = launch(["--multi_gpu", "--num_processes", "2"], tmp_path,
                      {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"})
     assert epochs_per_step(run_dir) == pytest.approx(1 / 3)
