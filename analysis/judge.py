@@ -56,22 +56,23 @@ MAX_RETRY_AFTER_S = 60.0
 BOOTSTRAP_RESAMPLES = 2000
 Preference = Literal["A", "B", "tie"]
 
+# The reply formats use placeholders, not example numbers, because weak judges copy an example verbatim.
 SCORE_INSTRUCTIONS = (
-    "You are a strict evaluator of answers written by a language model. Rate the answer on three "
+    "You are a strict evaluator of answers written by a language model. Rate the answer below on three "
     "dimensions, each with an integer from 1 (very poor) to 10 (excellent):\n"
     "- fluency: grammar, word choice and readability.\n"
     "- logical_coherence: whether the statements and reasoning follow from each other without contradiction.\n"
     "- factual_consistency: whether the stated facts are true and agree with the question.\n"
     "Reply with one JSON object and nothing else, in this form:\n"
-    '{"fluency": {"score": 7, "rationale": "one sentence"}, '
-    '"logical_coherence": {"score": 5, "rationale": "one sentence"}, '
-    '"factual_consistency": {"score": 6, "rationale": "one sentence"}}'
+    '{"fluency": {"score": <1-10>, "rationale": "<one sentence>"}, '
+    '"logical_coherence": {"score": <1-10>, "rationale": "<one sentence>"}, '
+    '"factual_consistency": {"score": <1-10>, "rationale": "<one sentence>"}}'
 )
 PAIRWISE_INSTRUCTIONS = (
     "You compare two answers to the same question, each written by a language model. Decide which "
     "answer is better overall, weighing fluency, logical coherence and factual consistency. The order "
     "and the length of the answers must not decide. Reply with one JSON object and nothing else, in "
-    'this form: {"winner": "A", "rationale": "one sentence"}, where winner is "A", "B" or "tie".'
+    'this form: {"winner": "<A, B or tie>", "rationale": "<one sentence>"}'
 )
 
 
@@ -296,17 +297,19 @@ class LocalJudge:
 # Prompts and reply parsing
 
 
+# Instructions go into the user turn, because some chat templates reject a system role (Gemma 2's
+# raises "System role not supported").
 def score_messages(prompt: str, answer: str) -> list[dict[str, str]]:
-    user = f"Question:\n{prompt}\n\nAnswer:\n{answer or '(empty answer)'}"
-    return [{"role": "system", "content": SCORE_INSTRUCTIONS}, {"role": "user", "content": user}]
+    content = f"{SCORE_INSTRUCTIONS}\n\nQuestion:\n{prompt}\n\nAnswer:\n{answer or '(empty answer)'}"
+    return [{"role": "user", "content": content}]
 
 
 def pairwise_messages(prompt: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
-    user = (
-        f"Question:\n{prompt}\n\n[Answer A]\n{answer_a or '(empty answer)'}\n\n"
+    content = (
+        f"{PAIRWISE_INSTRUCTIONS}\n\nQuestion:\n{prompt}\n\n[Answer A]\n{answer_a or '(empty answer)'}\n\n"
         f"[Answer B]\n{answer_b or '(empty answer)'}"
     )
-    return [{"role": "system", "content": PAIRWISE_INSTRUCTIONS}, {"role": "user", "content": user}]
+    return [{"role": "user", "content": content}]
 
 
 DIMENSION_ALIASES = {
@@ -320,14 +323,17 @@ DIMENSION_ALIASES = {
     "consistency": "factual_consistency",
 }
 _FENCED_BLOCK = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
+# The separators exclude "<" so that an echoed placeholder such as `"score": <1-10>` is not read as a
+# score, and the lookahead rejects a range such as "1-10".
 _SCORE_LINE = re.compile(
     r"(?i:\b(fluency|logical[ _-]?coherence|coherence|factual[ _-]?consistency|factuality)\b)"
-    r"[^\w\n]*(?i:score[^\w\n]*)?(\d+(?:\.\d+)?)(?:\s*/\s*10)?[^\w\n]*(.*)"
+    r"[^\w\n<]*(?i:score[^\w\n<]*)?(\d+(?:\.\d+)?)(?!\s*-\s*\d)(?:\s*/\s*10)?[^\w\n]*(.*)"
 )
 _VERDICT_BRACKETS = re.compile(r"\[\[\s*([AB]|(?i:tie))\s*\]\]")
 _VERDICT_LINE = re.compile(
-    r"(?i:\b(?:winner|better answer|preference|verdict)\b)[^\w\n]*(?i:an?\s+|answer\s+)?([AB]|(?i:tie|draw|equal))\b"
+    r"(?i:\b(?:winner|better answer|preference|verdict)\b)[^\w\n<]*(?i:an?\s+|answer\s+)?([AB]|(?i:tie|draw|equal))\b"
 )
+VERDICT_KEYS = ("winner", "preference", "better", "verdict", "choice")
 
 
 def json_objects(text: str) -> Iterator[dict]:
@@ -419,13 +425,21 @@ def score_value(item: Any) -> float | None:
 
 
 def parse_preference(reply: str) -> Preference | None:
-    """Read the verdict "A", "B" or "tie" of a pairwise reply, or None when there is none."""
+    """Read the verdict "A", "B" or "tie" of a pairwise reply, or None when there is none.
+
+    A JSON verdict key with an invalid value gives None, without falling back
+    to the line patterns, because the JSON is what the judge was asked for.
+    """
+    found_key = False
     for value in json_objects(reply):
-        for key in ("winner", "preference", "better", "verdict", "choice"):
+        for key in VERDICT_KEYS:
             if key in value:
+                found_key = True
                 verdict = normalise_verdict(value[key])
                 if verdict is not None:
                     return verdict
+    if found_key:
+        return None
     for pattern in (_VERDICT_BRACKETS, _VERDICT_LINE):
         match = pattern.search(reply)
         if match:

@@ -162,6 +162,12 @@ def test_parse_scores_rejects_unusable_replies(reply):
     assert scores is None
 
 
+def test_parse_ignores_echoed_instructions():
+    assert parse_scores(judge_module.SCORE_INSTRUCTIONS) == (None, {})
+    assert parse_preference(judge_module.PAIRWISE_INSTRUCTIONS) is None
+    assert parse_scores("fluency: 1-10, logical coherence: 1-10, factual consistency: 1-10")[0] is None
+
+
 def test_parse_scores_keeps_rationales():
     _, rationales = parse_scores(SCORE_JSON)
     assert rationales == {dimension: "reads well" for dimension in DIMENSIONS}
@@ -177,7 +183,7 @@ def test_parse_scores_keeps_rationales():
         ("Winner: a tie, both are wrong.", "tie"),
         ("Better answer: Answer A", "A"),
         ("Both answers have merit.", None),
-        ('{"winner": "C"}', None),
+        ('{"winner": "C"} Winner: A', None),
     ],
 )
 def test_parse_preference_formats(reply, expected):
