@@ -47,7 +47,7 @@ class DiscoverConfig:
     max_blocks: int = 6
     min_block: int = 2
     seed: int = 0
-    n_train: int = 200
+    n_train: int = 100
     attribution_pairs: int = 16
     cka_examples: int = 768
     n_boot: int = 30
@@ -219,7 +219,7 @@ def bootstrap_feature_fn(signals: LayerSignals, features: LayerFeatures, config:
         cka = None
         if cka_features is not None:
             picked = indices % cka_features.shape[1]
-            cka = cka_matrix(cka_features[:, picked, :])
+            cka = cka_matrix(cka_features[:, picked, :], progress=False)
         attribution = {c: rows[indices % rows.shape[0]].mean(axis=0) for c, rows in signals.attribution.items()}
         return segmentation_features(signals, cka, attribution)
 

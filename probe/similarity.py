@@ -149,7 +149,7 @@ def _as_layer_list(features: Sequence[np.ndarray] | np.ndarray, name: str) -> li
     return layers
 
 
-def cka_matrix(features: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+def cka_matrix(features: Sequence[np.ndarray] | np.ndarray, *, progress: bool = True) -> np.ndarray:
     """Compute debiased linear CKA between every pair of layers.
 
     Each layer's U-centred Gram matrix is built once (n_layers Gram builds),
@@ -159,6 +159,7 @@ def cka_matrix(features: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         features: Per-layer representations of the same examples, an array of
             shape (n_layers, n_examples, d) or a sequence of n_layers arrays of
             shape (n_examples, d_l). Widths d_l may differ between layers.
+        progress: Show progress bars when there are at least 16 layers.
 
     Returns:
         Symmetric matrix of shape (n_layers, n_layers), float64, unitless, with
@@ -177,7 +178,7 @@ def cka_matrix(features: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
 
     progress = tqdm(
         layers, desc="CKA: centred Gram matrices", unit="layer",
-        disable=n_layers < _PROGRESS_MIN_LAYERS,
+        disable=not progress or n_layers < _PROGRESS_MIN_LAYERS,
     )
     centred, degenerate = zip(*(_u_centred_gram(layer) for layer in progress))
 
@@ -185,7 +186,7 @@ def cka_matrix(features: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     result = np.eye(n_layers)
     pairs = tqdm(
         range(n_layers), desc="CKA: layer pairs", unit="row",
-        disable=n_layers < _PROGRESS_MIN_LAYERS,
+        disable=not progress or n_layers < _PROGRESS_MIN_LAYERS,
     )
     for i in pairs:
         for j in range(i + 1, n_layers):
