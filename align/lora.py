@@ -72,18 +72,23 @@ def block_scales(partition: Partition, block_names: list[str]) -> dict[str, floa
     return {name: mass / mean for name, mass in masses.items()}
 
 
-def layer_ranks(partition: Partition, block_names: list[str], config: AlignConfig) -> dict[int, tuple[int, float]]:
+def layer_ranks(
+    partition: Partition, block_names: list[str], config: AlignConfig, *, scale_over: list[str] | None = None
+) -> dict[int, tuple[int, float]]:
     """Return the requested (rank, alpha) of every adapted layer.
 
     With `rank_by="attribution"` a block's rank is `lora_r` times its scale
     (at least 1) and its alpha keeps the ratio `lora_alpha / lora_r`, so the
     update scale is unchanged and only the capacity follows the data.
+    `scale_over` names the blocks whose mean mass is the unit (default:
+    `block_names`); `routed` passes all its blocks, because each of its
+    adapters covers one block.
     """
     uniform = (config.lora_r, float(config.lora_alpha))
     if config.rank_by != "attribution":
         return {layer: uniform for layer in partition.layers_of(block_names)}
 
-    scales = block_scales(partition, block_names)
+    scales = block_scales(partition, scale_over or block_names)
     ranks: dict[int, tuple[int, float]] = {}
     for name in block_names:
         rank = max(1, round(config.lora_r * scales[name]))
@@ -100,7 +105,8 @@ def layer_group_pattern(layers_path: str, layers: list[int]) -> str:
 
 
 def build_lora_config(
-    partition: Partition, strategy_blocks: list[str], stack: LayerStack, config: AlignConfig
+    partition: Partition, strategy_blocks: list[str], stack: LayerStack, config: AlignConfig,
+    *, scale_over: list[str] | None = None,
 ) -> LoraConfig:
     """Build a `LoraConfig` that adapts only the layers of `strategy_blocks`.
 
@@ -109,9 +115,10 @@ def build_lora_config(
         strategy_blocks: Names of the blocks this adapter covers.
         stack: The model's decoder layers (for the module path and `layers_pattern`).
         config: LoRA rank, alpha, dropout, target modules and `rank_by`.
+        scale_over: Blocks whose mean attribution mass is the unit of `rank_by` (default: `strategy_blocks`).
     """
     targets = config.target_modules or default_target_modules(stack)
-    ranks = layer_ranks(partition, strategy_blocks, config)
+    ranks = layer_ranks(partition, strategy_blocks, config, scale_over=scale_over)
 
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}

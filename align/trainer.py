@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig
 from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
@@ -201,7 +200,8 @@ def train_adapter(
         ReferenceMismatchError: If the step-0 loss is not ln 2.
         NonFiniteLossError: If the loss or the gradients became NaN or infinite.
     """
-    lora_config = build_lora_config(partition, adapter.blocks, loaded.stack, config)
+    scale_over = routed_blocks(partition, config)
+    lora_config = build_lora_config(partition, adapter.blocks, loaded.stack, config, scale_over=scale_over)
     rows = load_pairs(adapter.data, config, capability=adapter.capability if config.strategy == "routed" else None)
     checkpoint_dir = run_dir / adapter.checkpoints
     resume_from = last_complete_checkpoint(checkpoint_dir) if config.resume else None
@@ -219,11 +219,11 @@ def train_adapter(
         callbacks=[MetricsFileCallback(run_dir / METRICS_FILE, adapter.name), nonfinite,
                    StuckLossCallback(config.loss_type), *callbacks],
         monitor=monitor,
-        lr_scales=learning_rate_scales(partition, adapter, config),
+        lr_scales=learning_rate_scales(partition, adapter, config, scale_over),
         layers_path=loaded.stack.path,
     )
     check_reference_is_base(trainer)
-    report = verify_coverage(trainer, lora_config, partition, adapter, config, loaded.stack.path)
+    report = verify_coverage(trainer, partition, adapter, config, loaded.stack.path, scale_over)
     log_coverage(report, partition, adapter, len(rows))
 
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
@@ -245,10 +245,22 @@ def resume_step(checkpoint: Path | None) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
 
 
-def learning_rate_scales(partition: Partition, adapter: AdapterPlan, config: AlignConfig) -> dict[int, float] | None:
+def routed_blocks(partition: Partition, config: AlignConfig) -> list[str] | None:
+    """Return the blocks of a `routed` run, which share one unit for `--rank-by`, or None for other strategies."""
+    if config.strategy != "routed":
+        if config.rank_by is not None and len(config.blocks or [config.strategy]) == 1 and config.strategy != "full":
+            logger.warning("--rank-by %s has no effect when one block is trained; drop it to silence this warning",
+                           config.rank_by)
+        return None
+    return config.blocks or partition.names
+
+
+def learning_rate_scales(
+    partition: Partition, adapter: AdapterPlan, config: AlignConfig, scale_over: list[str] | None
+) -> dict[int, float] | None:
     if config.rank_by != "attribution-lr":
         return None
-    scales = block_scales(partition, adapter.blocks)
+    scales = block_scales(partition, scale_over or adapter.blocks)
     return {layer: scales[name] for name in adapter.blocks for layer in partition.block(name).layers}
 
 
@@ -260,10 +272,10 @@ def check_reference_is_base(trainer: DPOTrainer) -> None:
 
 
 def verify_coverage(
-    trainer: DPOTrainer, lora_config: LoraConfig, partition: Partition, adapter: AdapterPlan,
-    config: AlignConfig, layers_path: str,
+    trainer: DPOTrainer, partition: Partition, adapter: AdapterPlan, config: AlignConfig, layers_path: str,
+    scale_over: list[str] | None,
 ) -> CoverageReport:
-    ranks = layer_ranks(partition, adapter.blocks, config)
+    ranks = layer_ranks(partition, adapter.blocks, config, scale_over=scale_over)
     return check_coverage(
         trainer.accelerator.unwrap_model(trainer.model), adapter.layers,
         {layer: rank for layer, (rank, _) in ranks.items()},

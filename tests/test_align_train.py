@@ -186,6 +186,21 @@ def test_rank_by_attribution_in_adapter(tmp_path, pairs):
     assert layers[3].mlp.up_proj.lora_alpha["default"] == 24
 
 
+def test_rank_by_attribution_routed_shares_unit(tmp_path, pairs):
+    partition = tmp_path / "partition.json"
+    partition.write_text(json.dumps({
+        "schema_version": 1, "model": {"name": "tiny-llama", "num_layers": 4},
+        "blocks": [{"name": "low", "start": 0, "end": 2, "capability": "syntax", "attribution_mass": 0.25},
+                   {"name": "high", "start": 2, "end": 4, "capability": "facts", "attribution_mass": 0.75}],
+    }))
+    run_dir = run_alignment(small_config(tmp_path, pairs, partition=str(partition), strategy="routed",
+                                         rank_by="attribution", max_steps=1))
+    low = json.loads((run_dir / "adapter" / "low" / "adapter_config.json").read_text())
+    high = json.loads((run_dir / "adapter" / "high" / "adapter_config.json").read_text())
+    assert list(low["rank_pattern"].values()) == [4]
+    assert list(high["rank_pattern"].values()) == [12]
+
+
 def test_gpt2_family_trains(tmp_path, pairs):
     run_dir = run_alignment(small_config(tmp_path, pairs, model="tiny-gpt2", strategy="local", max_steps=2))
     assert adapter_layers(run_dir / "adapter") == {0}
