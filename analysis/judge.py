@@ -10,513 +10,95 @@ Example, with a vLLM, llama.cpp or Ollama server on this machine:
     judge_runs([Path("runs/global")], base_model="smollm2",
                judge_url="http://127.0.0.1:8000/v1", judge_model="qwen2.5-7b-instruct",
                out_dir=Path("reports/global"))
+
+This module runs the pipeline and re-exports the public names of its parts:
+`analysis.judge_client` (HTTP and local judges), `analysis.judge_parse`
+(prompts and reply parsing), `analysis.judge_stats` (bootstrap and pairwise
+counts) and `analysis.judge_options` (command-line flags).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
 import os
-import re
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from typing import Sequence
 
-import httpx
 import numpy as np
-from tqdm.auto import tqdm
 
 from analysis.generate import (
-    MODEL_DEVICE,
-    SAMPLING_MODES,
     GenerationCache,
     GenerationSettings,
     base_generator,
     cached_answers,
-    generate_replies,
     load_heldout_prompts,
     load_runs,
     run_generator,
 )
+from analysis.judge_client import (
+    DEFAULT_BACKOFF_S,
+    JUDGE_MAX_TOKENS,
+    MAX_RETRY_AFTER_S,
+    HttpJudge,
+    Judge,
+    JudgeRequest,
+    JudgeRequestError,
+    JudgeResponseError,
+    LocalJudge,
+    completion_text,
+    redact_url,
+    status_hint,
+)
+from analysis.judge_options import DEFAULT_API_KEY_ENV, add_judge_arguments, judge_options_from_args
+from analysis.judge_parse import (
+    DIMENSIONS,
+    PAIRWISE_INSTRUCTIONS,
+    SCORE_INSTRUCTIONS,
+    Preference,
+    pairwise_messages,
+    parse_preference,
+    parse_scores,
+    score_messages,
+)
+from analysis.judge_stats import BOOTSTRAP_RESAMPLES, paired_summary, pairwise_outcome, pairwise_summary
 from analysis.runs import RunInfo
 from probe.io import write_json_atomic, write_text_atomic
 
+__all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "DEFAULT_API_KEY_ENV",
+    "DEFAULT_BACKOFF_S",
+    "DIMENSIONS",
+    "JUDGE_MAX_TOKENS",
+    "MAX_RETRY_AFTER_S",
+    "PAIRWISE_INSTRUCTIONS",
+    "SCORE_INSTRUCTIONS",
+    "HttpJudge",
+    "Judge",
+    "JudgeRequest",
+    "JudgeRequestError",
+    "JudgeResponseError",
+    "LocalJudge",
+    "Preference",
+    "add_judge_arguments",
+    "completion_text",
+    "judge_markdown",
+    "judge_options_from_args",
+    "judge_runs",
+    "paired_summary",
+    "pairwise_messages",
+    "pairwise_outcome",
+    "pairwise_summary",
+    "parse_preference",
+    "parse_scores",
+    "redact_url",
+    "score_messages",
+    "status_hint",
+]
+
 logger = logging.getLogger(__name__)
-
-DIMENSIONS: tuple[str, ...] = ("fluency", "logical_coherence", "factual_consistency")
-DEFAULT_API_KEY_ENV = "HIERALIGN_JUDGE_API_KEY"
-JUDGE_MAX_TOKENS = 256  # reply budget: three one-sentence rationales fit with room to spare
-DEFAULT_BACKOFF_S = 1.0  # first retry delay; it doubles on each further retry
-MAX_RETRY_AFTER_S = 60.0
-BOOTSTRAP_RESAMPLES = 2000
-Preference = Literal["A", "B", "tie"]
-
-# The reply formats use placeholders, not example numbers, because weak judges copy an example verbatim.
-SCORE_INSTRUCTIONS = (
-    "You are a strict evaluator of answers written by a language model. Rate the answer below on three "
-    "dimensions, each with an integer from 1 (very poor) to 10 (excellent):\n"
-    "- fluency: grammar, word choice and readability.\n"
-    "- logical_coherence: whether the statements and reasoning follow from each other without contradiction.\n"
-    "- factual_consistency: whether the stated facts are true and agree with the question.\n"
-    "Reply with one JSON object and nothing else, in this form:\n"
-    '{"fluency": {"score": <1-10>, "rationale": "<one sentence>"}, '
-    '"logical_coherence": {"score": <1-10>, "rationale": "<one sentence>"}, '
-    '"factual_consistency": {"score": <1-10>, "rationale": "<one sentence>"}}'
-)
-PAIRWISE_INSTRUCTIONS = (
-    "You compare two answers to the same question, each written by a language model. Decide which "
-    "answer is better overall, weighing fluency, logical coherence and factual consistency. The order "
-    "and the length of the answers must not decide. Reply with one JSON object and nothing else, in "
-    'this form: {"winner": "<A, B or tie>", "rationale": "<one sentence>"}'
-)
-
-
-class JudgeRequestError(RuntimeError):
-    """A judge request failed permanently: the status is not retryable, or the last retry failed."""
-
-
-class JudgeResponseError(RuntimeError):
-    """The judge endpoint returned a body that is not an OpenAI chat completion."""
-
-
-class _RetryableFailure(Exception):
-    """A transient failure of one attempt; `retry_after_s` is the server's Retry-After, if any."""
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-@dataclass(frozen=True)
-class JudgeRequest:
-    """One chat request to the judge.
-
-    Attributes:
-        id: Unique id used in logs and errors, e.g. "score/base/facts-0003".
-        messages: The chat messages, each {"role", "content"}.
-    """
-
-    id: str
-    messages: list[dict[str, str]]
-
-
-class Judge(Protocol):
-    def complete_all(self, requests: Sequence[JudgeRequest], *, desc: str) -> dict[str, str]:
-        """Return the reply text of each request, keyed by request id."""
-
-
-# ---------------------------------------------------------------------------
-# Judges
-
-
-class HttpJudge:
-    """A judge behind an OpenAI-compatible `/chat/completions` endpoint (vLLM, llama.cpp, Ollama, hosted APIs).
-
-    Args:
-        url: Base URL of the API, e.g. "http://127.0.0.1:8000/v1".
-        model: Model name sent in the request body.
-        api_key: Sent as a bearer token when set. It is never logged or stored.
-        timeout_s: Timeout of one HTTP request, in seconds.
-        max_retries: Retries after the first attempt on timeouts, connection
-            errors, HTTP 429 and 5xx. Other 4xx responses are not retried.
-        backoff_s: Delay before the first retry, in seconds; it doubles on each retry.
-        concurrency: Maximum number of requests in flight.
-        max_tokens: Reply budget sent as `max_tokens`.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        *,
-        api_key: str | None = None,
-        timeout_s: float = 60.0,
-        max_retries: int = 4,
-        backoff_s: float = DEFAULT_BACKOFF_S,
-        concurrency: int = 4,
-        max_tokens: int = JUDGE_MAX_TOKENS,
-    ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"`judge_url` must start with http:// or https://, got {redact_url(url)!r}")
-        self.endpoint = url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.concurrency = concurrency
-        self.max_tokens = max_tokens
-        self._api_key = api_key or None
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(timeout=timeout_s, headers=headers)
-
-    def close(self) -> None:
-        self._client.close()
-
-    def complete_all(self, requests: Sequence[JudgeRequest], *, desc: str) -> dict[str, str]:
-        """Send all requests with at most `concurrency` in flight; raise on the first request that fails."""
-        replies: dict[str, str] = {}
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.complete, request): request.id for request in requests}
-            try:
-                for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="request"):
-                    replies[futures[future]] = future.result()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        return replies
-
-    def complete(self, request: JudgeRequest) -> str:
-        """Send one request, retrying transient failures with exponential backoff, and return the reply text.
-
-        Raises:
-            JudgeRequestError: On a non-retryable status, or when the last retry fails.
-            JudgeResponseError: When the body is not a chat completion.
-        """
-        body = {
-            "model": self.model,
-            "messages": request.messages,
-            "temperature": 0,
-            "max_tokens": self.max_tokens,
-        }
-        attempts = self.max_retries + 1
-        for attempt in range(attempts):
-            try:
-                return self._attempt(request, body)
-            except _RetryableFailure as error:
-                failure = error
-            if attempt + 1 == attempts:
-                break
-            delay = self.backoff_s * 2**attempt
-            if failure.retry_after_s is not None:
-                delay = max(delay, min(failure.retry_after_s, MAX_RETRY_AFTER_S))
-            logger.warning(
-                "judge request %s failed (%s); retry %d of %d in %.1f s",
-                request.id, failure, attempt + 1, self.max_retries, delay,
-            )
-            time.sleep(delay)
-
-        logger.error("judge request %s failed after %d attempts: %s", request.id, attempts, failure)
-        raise JudgeRequestError(
-            f"judge request {request.id} to {self.endpoint} failed after {attempts} attempts: {failure}. "
-            "Check that the server is running and that --judge-url is right, or raise --judge-timeout "
-            "or --judge-retries"
-        )
-
-    def _attempt(self, request: JudgeRequest, body: dict) -> str:
-        """Send one attempt and return the reply text.
-
-        Raises:
-            _RetryableFailure: On a timeout, a connection error, HTTP 429 or 5xx.
-            JudgeRequestError: On any other HTTP error status.
-        """
-        try:
-            response = self._client.post(self.endpoint, json=body)
-        except httpx.TimeoutException:
-            raise _RetryableFailure(f"timed out after {self.timeout_s:g} s") from None
-        except httpx.TransportError as error:
-            raise _RetryableFailure(self._redact(f"connection failed: {type(error).__name__}: {error}")) from None
-
-        status = response.status_code
-        if status < 400:
-            return completion_text(response, request.id, self.endpoint)
-        failure = self._redact(f"HTTP {status}: {response.text[:300]!r}")
-        if status == 429 or status >= 500:
-            retry_after = response.headers.get("retry-after", "")
-            seconds = float(retry_after) if re.fullmatch(r"\d+(\.\d+)?", retry_after) else None
-            raise _RetryableFailure(failure, seconds)
-
-        logger.error("judge request %s was rejected with HTTP %d; not retrying", request.id, status)
-        raise JudgeRequestError(
-            f"judge request {request.id} to {self.endpoint} was rejected: {failure}. {status_hint(status)}"
-        )
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-
-def completion_text(response: httpx.Response, request_id: str, endpoint: str) -> str:
-    """Return the text of `choices[0].message.content` of a chat completion; a null content gives ""."""
-    try:
-        content = response.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as error:
-        raise JudgeResponseError(
-            f"judge request {request_id}: {endpoint} returned a body that is not an OpenAI chat completion "
-            f"({type(error).__name__}; body starts {response.text[:200]!r}). Check --judge-url: it should "
-            "be the API base that ends before /chat/completions, e.g. http://127.0.0.1:8000/v1"
-        ) from error
-    if isinstance(content, list):
-        # Some servers return the content as a list of typed parts, e.g. [{"type": "text", "text": "..."}].
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content if isinstance(content, str) else ""
-
-
-def status_hint(status: int) -> str:
-    if status in (401, 403):
-        return "Check the API key in the environment variable named by --judge-api-key-env."
-    if status == 404:
-        return "Check --judge-url (the API base, e.g. http://127.0.0.1:8000/v1) and --judge-model."
-    return "Check --judge-model and the server's log."
-
-
-class LocalJudge:
-    """A judge that runs a local HF model (an alias such as `smollm2`, a path or a hub id) with greedy decoding.
-
-    Args:
-        model_name: Passed to `probe.models.load_model`.
-        max_tokens: Maximum new tokens per reply.
-        batch_size: Requests per `generate` call.
-    """
-
-    def __init__(self, model_name: str, *, max_tokens: int = JUDGE_MAX_TOKENS, batch_size: int = 8) -> None:
-        from probe.models import load_model
-
-        loaded = load_model(model_name, device=MODEL_DEVICE)
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.settings = GenerationSettings(max_new_tokens=max_tokens, sampling="greedy", batch_size=batch_size)
-
-    def complete_all(self, requests: Sequence[JudgeRequest], *, desc: str) -> dict[str, str]:
-        # Similar lengths in a batch waste less compute on padding.
-        ordered = sorted(requests, key=lambda request: sum(len(m["content"]) for m in request.messages))
-        replies = generate_replies(
-            self.model, self.tokenizer, [request.messages for request in ordered], self.settings, desc=desc,
-        )
-        return {request.id: reply for request, reply in zip(ordered, replies)}
-
-    def close(self) -> None:
-        del self.model
-        gc.collect()
-
-
-# ---------------------------------------------------------------------------
-# Prompts and reply parsing
-
-
-# Instructions go into the user turn, because some chat templates reject a system role (Gemma 2's
-# raises "System role not supported").
-def score_messages(prompt: str, answer: str) -> list[dict[str, str]]:
-    content = f"{SCORE_INSTRUCTIONS}\n\nQuestion:\n{prompt}\n\nAnswer:\n{answer or '(empty answer)'}"
-    return [{"role": "user", "content": content}]
-
-
-def pairwise_messages(prompt: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
-    content = (
-        f"{PAIRWISE_INSTRUCTIONS}\n\nQuestion:\n{prompt}\n\n[Answer A]\n{answer_a or '(empty answer)'}\n\n"
-        f"[Answer B]\n{answer_b or '(empty answer)'}"
-    )
-    return [{"role": "user", "content": content}]
-
-
-DIMENSION_ALIASES = {
-    "fluency": "fluency",
-    "coherence": "logical_coherence",
-    "logical_coherence": "logical_coherence",
-    "logic": "logical_coherence",
-    "factual_consistency": "factual_consistency",
-    "factuality": "factual_consistency",
-    "factual_accuracy": "factual_consistency",
-    "consistency": "factual_consistency",
-}
-_FENCED_BLOCK = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
-# The separators exclude "<" so that an echoed placeholder such as `"score": <1-10>` is not read as a
-# score, and the lookahead rejects a range such as "1-10".
-_SCORE_LINE = re.compile(
-    r"(?i:\b(fluency|logical[ _-]?coherence|coherence|factual[ _-]?consistency|factuality)\b)"
-    r"[^\w\n<]*(?i:score[^\w\n<]*)?(\d+(?:\.\d+)?)(?!\s*-\s*\d)(?:\s*/\s*10)?[^\w\n]*(.*)"
-)
-_VERDICT_BRACKETS = re.compile(r"\[\[\s*([AB]|(?i:tie))\s*\]\]")
-_VERDICT_LINE = re.compile(
-    r"(?i:\b(?:winner|better answer|preference|verdict)\b)[^\w\n<]*(?i:an?\s+|answer\s+)?([AB]|(?i:tie|draw|equal))\b"
-)
-VERDICT_KEYS = ("winner", "preference", "better", "verdict", "choice")
-
-
-def json_objects(text: str) -> Iterator[dict]:
-    """Yield the JSON objects in a reply: the whole text, then fenced code blocks, then objects inside prose."""
-    decoder = json.JSONDecoder()
-    candidates = [text.strip(), *(block.strip() for block in _FENCED_BLOCK.findall(text))]
-    for candidate in candidates:
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            yield value
-    for match in re.finditer(r"\{", text):
-        try:
-            value, _ = decoder.raw_decode(text, match.start())
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            yield value
-
-
-def parse_scores(reply: str) -> tuple[dict[str, float] | None, dict[str, str]]:
-    """Read the 1-10 score and rationale of every dimension from a judge reply.
-
-    Strict JSON is tried first, then JSON in code fences or prose, then lines
-    such as "Fluency: 7/10 - reads well".
-
-    Returns:
-        (scores, rationales). `scores` is None unless every dimension has a
-        score between 1 and 10, so a partial or out-of-range reply counts as
-        unparseable rather than as a low score.
-    """
-    for value in json_objects(reply):
-        scores, rationales = scores_from_object(value)
-        if scores is not None:
-            return scores, rationales
-    return scores_from_lines(reply)
-
-
-def scores_from_object(value: dict) -> tuple[dict[str, float] | None, dict[str, str]]:
-    if isinstance(value.get("scores"), dict):
-        nested = dict(value["scores"])
-        nested.setdefault("rationale", value.get("rationale"))
-        value = nested
-    scores: dict[str, float] = {}
-    rationales: dict[str, str] = {}
-    for key, item in value.items():
-        dimension = DIMENSION_ALIASES.get(re.sub(r"[\s-]+", "_", str(key).strip().lower()))
-        if dimension is None:
-            continue
-        if isinstance(item, dict):
-            rationale = item.get("rationale") or item.get("reason") or item.get("explanation")
-            if rationale:
-                rationales[dimension] = str(rationale)
-            item = item.get("score", item.get("rating"))
-        score = score_value(item)
-        if score is not None:
-            scores[dimension] = score
-    if isinstance(value.get("rationale"), str):
-        rationales.setdefault("overall", value["rationale"])
-    return (scores if set(scores) == set(DIMENSIONS) else None), rationales
-
-
-def scores_from_lines(reply: str) -> tuple[dict[str, float] | None, dict[str, str]]:
-    scores: dict[str, float] = {}
-    rationales: dict[str, str] = {}
-    for match in _SCORE_LINE.finditer(reply):
-        dimension = DIMENSION_ALIASES[re.sub(r"[\s-]+", "_", match.group(1).lower())]
-        score = score_value(match.group(2))
-        if score is None or dimension in scores:
-            continue
-        scores[dimension] = score
-        if match.group(3).strip():
-            rationales[dimension] = match.group(3).strip()
-    return (scores if set(scores) == set(DIMENSIONS) else None), rationales
-
-
-def score_value(item: Any) -> float | None:
-    """Return a score in [1, 10] from a number or a string such as "7" or "7/10", else None."""
-    if isinstance(item, bool):
-        return None
-    if isinstance(item, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*", item)
-        item = float(match.group(1)) if match else None
-    if isinstance(item, (int, float)) and 1 <= item <= 10:
-        return float(item)
-    return None
-
-
-def parse_preference(reply: str) -> Preference | None:
-    """Read the verdict "A", "B" or "tie" of a pairwise reply, or None when there is none.
-
-    A JSON verdict key with an invalid value gives None, without falling back
-    to the line patterns, because the JSON is what the judge was asked for.
-    """
-    found_key = False
-    for value in json_objects(reply):
-        for key in VERDICT_KEYS:
-            if key in value:
-                found_key = True
-                verdict = normalise_verdict(value[key])
-                if verdict is not None:
-                    return verdict
-    if found_key:
-        return None
-    for pattern in (_VERDICT_BRACKETS, _VERDICT_LINE):
-        match = pattern.search(reply)
-        if match:
-            return normalise_verdict(match.group(1))
-    return None
-
-
-def normalise_verdict(value: Any) -> Preference | None:
-    text = re.sub(r"[\[\]\"'().]", "", str(value)).strip().lower()
-    text = re.sub(r"^answer\s+", "", text)
-    if text in ("a", "b"):
-        return text.upper()  # type: ignore[return-value]
-    if text in ("tie", "draw", "equal", "both", "neither", "none"):
-        return "tie"
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Statistics
-
-
-def paired_summary(base: dict[str, float], run: dict[str, float], *, seed: int) -> dict:
-    """Summarise one dimension over the prompts where both the base and the run answer were scored.
-
-    Returns:
-        {"base_mean", "run_mean", "delta", "ci", "n"}: `delta` is run minus base
-        and `ci` its 95% percentile interval from a paired bootstrap over
-        prompts. The values are None when no prompt has both scores.
-    """
-    ids = sorted(set(base) & set(run))
-    if not ids:
-        return {"base_mean": None, "run_mean": None, "delta": None, "ci": [None, None], "n": 0}
-    base_scores = np.array([base[i] for i in ids])  # (n,)
-    run_scores = np.array([run[i] for i in ids])  # (n,)
-    differences = run_scores - base_scores
-
-    rng = np.random.default_rng(seed)
-    resamples = rng.integers(0, len(ids), size=(BOOTSTRAP_RESAMPLES, len(ids)))  # (resamples, n)
-    low, high = np.percentile(differences[resamples].mean(axis=1), [2.5, 97.5])
-    return {
-        "base_mean": float(base_scores.mean()),
-        "run_mean": float(run_scores.mean()),
-        "delta": float(differences.mean()),
-        "ci": [float(low), float(high)],
-        "n": len(ids),
-    }
-
-
-def pairwise_outcome(base_first: Preference | None, run_first: Preference | None) -> str | None:
-    """Combine the verdicts of both orders into "win", "loss", "tie" or "inconsistent" for the run.
-
-    Args:
-        base_first: Verdict with the base answer as A and the run answer as B.
-        run_first: Verdict with the run answer as A and the base answer as B.
-
-    Returns:
-        None when either verdict is missing.
-    """
-    if base_first is None or run_first is None:
-        return None
-    first = {"A": "loss", "B": "win", "tie": "tie"}[base_first]
-    second = {"A": "win", "B": "loss", "tie": "tie"}[run_first]
-    return first if first == second else "inconsistent"
-
-
-def pairwise_summary(outcomes: Sequence[str | None]) -> dict:
-    """Count outcomes; an inconsistent pair counts as a tie and adds to `inconsistent_rate`."""
-    judged = [outcome for outcome in outcomes if outcome is not None]
-    inconsistent = judged.count("inconsistent")
-    return {
-        "win": judged.count("win"),
-        "loss": judged.count("loss"),
-        "tie": judged.count("tie") + inconsistent,
-        "inconsistent": inconsistent,
-        "inconsistent_rate": inconsistent / len(judged) if judged else None,
-        "n": len(judged),
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -771,75 +353,3 @@ def format_delta(summary: dict) -> str:
         return "n/a"
     low, high = summary["ci"]
     return f"{summary['delta']:+.2f} [{low:+.2f}, {high:+.2f}]"
-
-
-def redact_url(url: str) -> str:
-    """Hide the user and password part of a URL, so credentials in it are never logged or stored."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
-
-
-# ---------------------------------------------------------------------------
-# Command-line flags
-
-
-def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the LLM-as-judge flags to `parser`; judging is on when --judge-model is given."""
-    group = parser.add_argument_group("LLM-as-judge (runs when --judge-model is given)")
-    group.add_argument(
-        "--judge-model", default=None, metavar="NAME",
-        help="judge model: the model name served at --judge-url, or without --judge-url a local model "
-        "alias or path (e.g. smollm2). Default: none, so no judging",
-    )
-    group.add_argument(
-        "--judge-url", default=None, metavar="URL",
-        help="base URL of an OpenAI-compatible API (vLLM, llama.cpp server, Ollama, hosted); requests go "
-        "to URL/chat/completions, e.g. http://127.0.0.1:8000/v1. Default: none, judge with a local model",
-    )
-    group.add_argument(
-        "--judge-api-key-env", default=DEFAULT_API_KEY_ENV, metavar="VAR",
-        help=f"name of the environment variable that contains the judge API key, sent as a bearer token "
-        f"when set (default: {DEFAULT_API_KEY_ENV})",
-    )
-
-    group.add_argument("--judge-prompts", type=int, default=20, metavar="N",
-                       help="held-out prompts per capability to answer and judge (default: 20)")
-    group.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
-                       help="maximum new tokens per generated answer (default: 64)")
-    group.add_argument("--sampling", choices=SAMPLING_MODES, default="greedy",
-                       help="decoding of the answers: greedy, or sample with --sampling-seed (default: greedy)")
-    group.add_argument("--sampling-seed", type=int, default=0, metavar="N",
-                       help="seed of sampling and of the bootstrap intervals (default: 0)")
-
-    group.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS",
-                       help="timeout of one judge HTTP request, in seconds (default: 60)")
-    group.add_argument("--judge-retries", type=int, default=4, metavar="N",
-                       help="retries per judge request on timeouts, connection errors, HTTP 429 and 5xx, "
-                       "with exponential backoff from 1 s (default: 4)")
-    group.add_argument("--judge-concurrency", type=int, default=4, metavar="N",
-                       help="maximum judge HTTP requests in flight (default: 4)")
-    group.add_argument("--no-judge-pairwise", dest="judge_pairwise", action="store_false",
-                       help="skip the head-to-head comparison of base and run answers (default: compare, in both orders)")
-
-
-def judge_options_from_args(args: argparse.Namespace) -> dict:
-    """Return the keyword arguments of `judge_runs` set by the flags of `add_judge_arguments`.
-
-    The caller adds `run_dirs`, `base_model` and `out_dir`, and calls
-    `judge_runs` only when `args.judge_model` is set.
-    """
-    return {
-        "judge_url": args.judge_url,
-        "judge_model": args.judge_model,
-        "api_key_env": args.judge_api_key_env,
-        "n_prompts": args.judge_prompts,
-        "max_new_tokens": args.max_new_tokens,
-        "sampling": args.sampling,
-        "seed": args.sampling_seed,
-        "timeout_s": args.judge_timeout,
-        "max_retries": args.judge_retries,
-        "concurrency": args.judge_concurrency,
-        "pairwise": args.judge_pairwise,
-    }
