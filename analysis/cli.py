@@ -11,8 +11,11 @@ step budget (plus the blocks of a discovered partition), then report:
     layer-report experiment --model smollm2 --seeds 0,1,2 --max-steps 50 \\
         --partition discovered.json --runs-dir runs/exp --out report/
 
-Add an LLM-as-judge table with --judge-url (an OpenAI-compatible server) or
---judge-model.
+Add an LLM-as-judge table with --judge-model, served at --judge-url (an
+OpenAI-compatible API) or run locally without it:
+
+    layer-report runs/global-seed0 --out report/ \\
+        --judge-url http://127.0.0.1:8000/v1 --judge-model qwen2.5-7b-instruct --judge-prompts 5
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Callable
 
 from analysis.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 from analysis.evaluate import EvalSettings
+from analysis.judge_options import add_judge_arguments, judge_options_from_args
 from analysis.runs import RunError, load_run
 
 logger = logging.getLogger(__name__)
@@ -49,9 +53,7 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--level", type=float, default=DEFAULT_LEVEL, help=f"Interval coverage in (0, 1) (default: {DEFAULT_LEVEL}).")
     group.add_argument("--tax-metric", default="accuracy", choices=("accuracy", "accuracy_normalized"),
                        help="Accuracy the alignment tax table compares (default: accuracy, summed log-probabilities).")
-    judge = parser.add_argument_group("LLM-as-judge (optional)")
-    judge.add_argument("--judge-url", help="Base URL of an OpenAI-compatible chat API for the judge.")
-    judge.add_argument("--judge-model", help="Judge model: a served model name with --judge-url, else a local model alias or path.")
+    add_judge_arguments(parser)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="Log progress (-v) or debug details (-vv).")
 
 
@@ -129,20 +131,19 @@ def load_data(args: argparse.Namespace):
 
 
 def judge_function(args: argparse.Namespace, out_dir: Path) -> Callable[[list[Path]], dict] | None:
-    """Return a function that runs the LLM judge on run directories, or None without judge options."""
-    if not args.judge_url and not args.judge_model:
+    """Return a function that runs the LLM judge on run directories, or None without --judge-model."""
+    if args.judge_model is None:
         return None
 
     def judge(run_dirs: list[Path]) -> dict:
         try:
             from analysis.judge import judge_runs  # imported only when a judge is requested
         except ImportError as error:
-            raise RuntimeError(f"the LLM judge is not available ({error}); drop --judge-url and --judge-model") from error
+            raise RuntimeError(f"the LLM judge is not available ({error}); drop --judge-model") from error
 
         base_model = load_run(run_dirs[0]).model_name
         return judge_runs(
-            list(run_dirs), base_model=base_model, judge_url=args.judge_url,
-            judge_model=args.judge_model or "", out_dir=out_dir / "judge",
+            list(run_dirs), base_model=base_model, out_dir=out_dir / "judge", **judge_options_from_args(args),
         )
 
     return judge
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     is_experiment = bool(argv) and argv[0] == "experiment"
     parser = experiment_parser() if is_experiment else report_parser()
     args = parser.parse_args(argv[1:] if is_experiment else argv)
+    if args.judge_url is not None and args.judge_model is None:
+        parser.error("--judge-url needs --judge-model NAME, the model name served at that URL")
     configure_logging(args.verbose)
 
     try:

@@ -213,25 +213,22 @@ def tax_markdown(evaluation: dict[str, Any]) -> str:
     return markdown_table(["run", "measure", "target", "change vs base [95% CI]", "flag"], rows)
 
 
-def judge_markdown(judge: dict[str, Any]) -> str:
-    """Render judge scores: per run, per dimension, a number or an interval dict."""
-    scores = judge.get("runs", judge)
-    dimensions = list(dict.fromkeys(d for per_run in scores.values() if isinstance(per_run, dict) for d in per_run))
-    rows = []
-    for name, per_run in scores.items():
-        if not isinstance(per_run, dict):
-            continue
-        cells = []
-        for dimension in dimensions:
-            value = per_run.get(dimension)
-            if isinstance(value, dict) and {"estimate", "low", "high"} <= set(value):
-                cells.append(fmt_interval(value, 2))
-            elif isinstance(value, (int, float)):
-                cells.append(f"{value:.2f}")
-            else:
-                cells.append("–" if value is None else str(value))
-        rows.append([name] + cells)
-    return markdown_table(["run"] + dimensions, rows)
+def judge_section(judge: dict[str, Any]) -> list[str]:
+    """Render the LLM-as-judge results of `analysis.judge.judge_runs` as Markdown lines."""
+    from analysis.judge import judge_markdown  # the judge's modules load only when a judge ran
+
+    settings = judge.get("judge", {})
+    generation = judge.get("generation", {})
+    return [
+        "## LLM-as-judge", "",
+        f"Judge `{settings.get('model')}` ({settings.get('backend')}) scored the answers of the base model and of",
+        f"each run to {generation.get('n_prompts')} held-out prompts, from 1 (very poor) to 10 (excellent). The delta",
+        "is run minus base, with a 95% paired bootstrap interval over prompts, and n counts the prompts where both",
+        "answers were scored. Pairwise counts the run's wins, losses and ties against the base, each judged in both",
+        "answer orders. A pair whose two verdicts disagree counts as a tie and as inconsistent.",
+        "Unparseable replies are left out of the scores.", "",
+        judge_markdown(judge),
+    ]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -266,5 +263,5 @@ def render_markdown(report: dict[str, Any]) -> str:
             "![alignment tax](figures/alignment_tax.png)", "",
         ]
     if report.get("judge"):
-        parts += ["## LLM-as-judge", "", judge_markdown(report["judge"]), ""]
+        parts += judge_section(report["judge"])
     return "\n".join(parts)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-from analysis.cli import main
+import analysis.judge as judge_module
+from analysis.cli import experiment_parser, main
 from analysis.evaluate import EvalData, EvalSettings
 from analysis.experiment import Experiment, plan_runs
+from analysis.judge import DIMENSIONS
 from analysis.plots import NOT_ADAPTED_COLOR, layer_norm_bars, norm_heatmap, save_figure
 from analysis.report import build_report, load_norm_tables
 from tests.analysis_runs import make_run
@@ -122,22 +122,96 @@ def test_cli_rejects_run_without_config(tmp_path, capsys):
     assert "align" in error
 
 
-def test_cli_calls_judge_and_adds_table(runs, tmp_path, monkeypatch):
+def judge_results(run_names: list[str]) -> dict:
+    """Results shaped like `analysis.judge.judge_runs` output, with fixed numbers."""
+    summary = {"base_mean": 6.0, "run_mean": 6.5, "delta": 0.5, "ci": [0.25, 0.75], "n": 3}
+    return {
+        "base": {"means": {dimension: 6.0 for dimension in DIMENSIONS}, "unparseable": 0},
+        "runs": {
+            name: {"dimensions": {dimension: dict(summary) for dimension in DIMENSIONS},
+                   "pairwise": {"win": 2, "loss": 0, "tie": 1, "inconsistent": 1, "inconsistent_rate": 1 / 3, "n": 3},
+                   "unparseable": 0}
+            for name in run_names
+        },
+        "judge": {"backend": "http", "model": "judge", "url": "http://127.0.0.1:9/v1"},
+        "generation": {"n_prompts": 3},
+    }
+
+
+def test_cli_passes_judge_flags(runs, tmp_path, monkeypatch):
     calls = []
 
-    def judge_runs(run_dirs, *, base_model, judge_url, judge_model, out_dir, **options):
-        calls.append({"runs": [p.name for p in run_dirs], "base_model": base_model, "url": judge_url,
-                      "model": judge_model, "out_dir": out_dir})
-        return {"runs": {p.name: {"helpfulness": {"estimate": 6.5, "low": 6.0, "high": 7.0}} for p in run_dirs}}
+    def judge_runs(run_dirs, **options):
+        calls.append({"runs": [path.name for path in run_dirs], **options})
+        return judge_results([path.name for path in run_dirs])
 
-    monkeypatch.setitem(sys.modules, "analysis.judge", types.SimpleNamespace(judge_runs=judge_runs))
+    monkeypatch.setattr(judge_module, "judge_runs", judge_runs)
     status = main([str(runs[0]), "--out", str(tmp_path / "out"), "--no-eval",
-                   "--judge-url", "http://127.0.0.1:9", "--judge-model", "judge"])
+                   "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "judge", "--judge-api-key-env", "MY_KEY",
+                   "--judge-prompts", "1", "--max-new-tokens", "8", "--sampling", "sample", "--sampling-seed", "3",
+                   "--judge-timeout", "2.5", "--judge-retries", "0", "--judge-concurrency", "2", "--no-judge-pairwise"])
 
     assert status == 0
-    assert calls == [{"runs": ["local-seed0"], "base_model": "tiny-llama", "url": "http://127.0.0.1:9",
-                      "model": "judge", "out_dir": tmp_path / "out" / "judge"}]
-    assert "| local-seed0 | 6.50 [6.00, 7.00] |" in (tmp_path / "out" / "report.md").read_text()
+    assert calls == [{
+        "runs": ["local-seed0"], "base_model": "tiny-llama", "out_dir": tmp_path / "out" / "judge",
+        "judge_url": "http://127.0.0.1:9/v1", "judge_model": "judge", "api_key_env": "MY_KEY", "n_prompts": 1,
+        "max_new_tokens": 8, "sampling": "sample", "seed": 3, "timeout_s": 2.5, "max_retries": 0,
+        "concurrency": 2, "pairwise": False,
+    }]
+
+
+def test_cli_adds_judge_table_and_json(runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(judge_module, "judge_runs", lambda run_dirs, **options: judge_results([p.name for p in run_dirs]))
+    status = main([str(runs[0]), "--out", str(tmp_path / "out"), "--no-eval", "--judge-model", "judge"])
+
+    assert status == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## LLM-as-judge" in markdown
+    assert "| local-seed0 | fluency | 6.00 | 6.50 | +0.50 [+0.25, +0.75] | 3 |" in markdown
+    assert "| local-seed0 | pairwise win/loss/tie | | | 2/0/1 (inconsistent 33%) | 3 |" in markdown
+    assert "{'" not in markdown, "no dict is rendered raw"
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["judge"] == judge_results(["local-seed0"])
+
+
+def test_cli_without_judge_model_skips_judge(runs, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the judge ran without --judge-model")
+
+    monkeypatch.setattr(judge_module, "judge_runs", fail)
+    status = main([str(runs[0]), "--out", str(tmp_path / "out"), "--no-eval"])
+
+    assert status == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["judge"] is None
+    assert "LLM-as-judge" not in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--judge-url", "http://127.0.0.1:9/v1"], "--judge-url needs --judge-model NAME"),
+        (["--judge-model", "judge", "--judge-prompts", "0"], "argument --judge-prompts: must be at least 1, got 0"),
+        (["--judge-model", "judge", "--judge-retries", "-1"], "argument --judge-retries: must be at least 0, got -1"),
+        (["--judge-model", "judge", "--judge-timeout", "0"], "argument --judge-timeout: must be greater than 0, got 0"),
+        (["--judge-model", "judge", "--judge-concurrency", "x"], "argument --judge-concurrency: must be an integer, got 'x'"),
+    ],
+)
+def test_cli_rejects_invalid_judge_flags(runs, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(runs[0]), "--out", str(tmp_path / "out"), "--no-eval", *flags])
+
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_experiment_parser_takes_judge_flags():
+    args = experiment_parser().parse_args(["--out", "report", "--judge-model", "judge", "--judge-prompts", "2",
+                                           "--no-judge-pairwise"])
+
+    assert args.judge_model == "judge"
+    assert args.judge_prompts == 2
+    assert args.judge_pairwise is False
 
 
 def test_experiment_plan_covers_strategies_and_seeds(tmp_path):
