@@ -18,6 +18,7 @@ from typing import Callable
 
 import pytest
 
+import analysis.cli as cli_module
 import analysis.judge as judge_module
 from analysis.judge import (
     DIMENSIONS,
@@ -480,3 +481,76 @@ def test_judge_runs_rejects_invalid_options(run_dir, tmp_path, options, message)
     with pytest.raises(ValueError) as error:
         judge_runs([run_dir], **{**arguments, **options})
     assert str(error.value) == message
+
+
+# ---------------------------------------------------------------------------
+# layer-report with a judge, end to end
+
+JUDGE_FLAGS = (
+    "--judge-model", "--judge-url", "--judge-api-key-env", "--judge-prompts", "--max-new-tokens", "--sampling",
+    "--sampling-seed", "--judge-timeout", "--judge-retries", "--judge-concurrency", "--no-judge-pairwise",
+)
+
+
+def heldout_prompts(n_prompts: int) -> list[dict]:
+    """`n_prompts` short prompts per capability, in place of the data suite's held-out split."""
+    return [
+        {"id": f"{capability}:{index}", "capability": capability, "prompt": f"Question {index} about {capability}?"}
+        for capability in ("syntax", "logic", "facts")
+        for index in range(n_prompts)
+    ]
+
+
+def test_layer_report_cli_with_http_judge(tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.setattr(judge_module, "load_heldout_prompts", heldout_prompts)
+    monkeypatch.setenv("LOOPBACK_JUDGE_KEY", SECRET)
+    run_dir = make_run(tmp_path / "runs", "local")
+    out = tmp_path / "report"
+
+    with LoopbackEndpoint(scripted_judge) as endpoint, caplog.at_level(logging.DEBUG):
+        port = endpoint.server.server_address[1]
+        status = cli_module.main([
+            str(run_dir), "--out", str(out), "--no-eval",
+            "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "fake", "--judge-prompts", "2",
+            "--judge-api-key-env", "LOOPBACK_JUDGE_KEY", "--max-new-tokens", "4", "--judge-concurrency", "2",
+        ])
+    output = capsys.readouterr()
+
+    assert status == 0, output.err
+    assert len(endpoint.requests) == 6 + 6 + 2 * 6  # base scores, run scores, both orders per prompt
+    assert all(request["body"]["model"] == "fake" for request in endpoint.requests)
+    assert all(request["headers"]["Authorization"] == f"Bearer {SECRET}" for request in endpoint.requests)
+
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "## LLM-as-judge" in markdown
+    for dimension in DIMENSIONS:
+        assert f"| local | {dimension} | 7.00 | 7.00 | +0.00 [+0.00, +0.00] | 6 |" in markdown
+    assert "| local | pairwise win/loss/tie | | | 0/0/6 (inconsistent 100%) | 6 |" in markdown
+
+    judged = json.loads((out / "report.json").read_text(encoding="utf-8"))["judge"]
+    assert judged["runs"]["local"]["dimensions"]["fluency"] == {
+        "base_mean": 7.0, "run_mean": 7.0, "delta": 0.0, "ci": [0.0, 0.0], "n": 6,
+    }
+    assert judged["runs"]["local"]["pairwise"]["n"] == 6
+    assert judged["base"]["means"] == {dimension: 7.0 for dimension in DIMENSIONS}
+    assert judged["generation"]["n_prompts"] == 6
+    assert judged["judge"]["api_key_env"] == "LOOPBACK_JUDGE_KEY"
+    assert (out / "judge" / "judge.json").is_file()
+
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert len(written) > 4
+    for path in written:
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in output.out + output.err
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["experiment", "--help"]])
+def test_layer_report_help_lists_judge_flags(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main(argv)
+
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in JUDGE_FLAGS:
+        assert flag in help_text, flag
