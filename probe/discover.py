@@ -113,25 +113,33 @@ class LayerSignals:
 # measurement
 
 
-def suite_inputs(suite, n_train: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Probe texts of every capability: texts, labels (1 good, 0 corrupted), capability index."""
-    texts, labels, groups = [], [], []
+def suite_inputs(suite, n_train: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Probe texts of every capability.
+
+    Returns:
+        Texts, labels (1 good, 0 corrupted), capability index and pair index,
+        the last three of shape (n_texts,).
+    """
+    texts, labels, groups, pair_ids = [], [], [], []
     for index, capability in enumerate(CAPABILITIES):
         items = suite.probe_items(capability, "train")[: 2 * n_train]
         texts += [item["text"] for item in items]
         labels += [int(item["label"]) for item in items]
         groups += [index] * len(items)
-    return texts, np.asarray(labels), np.asarray(groups)
+        pair_ids += [item["pair_id"] for item in items]
+    pair_index = np.unique(np.asarray(pair_ids), return_inverse=True)[1]
+    return texts, np.asarray(labels), np.asarray(groups), pair_index
 
 
-def fit_probes(features: LayerFeatures, labels: np.ndarray, groups: np.ndarray, config: DiscoverConfig,
-               signals: LayerSignals) -> None:
+def fit_probes(features: LayerFeatures, labels: np.ndarray, groups: np.ndarray, pair_index: np.ndarray,
+               config: DiscoverConfig, signals: LayerSignals) -> None:
     from tqdm.auto import tqdm
 
     for index, capability in enumerate(tqdm(CAPABILITIES, desc="linear probes", unit="capability")):
         rows = np.flatnonzero(groups == index)
         probe = LinearProbeSuite(n_splits=config.n_splits, random_state=config.seed)
-        probe.fit(features.all_layers(config.pooling, rows), labels[rows])
+        # The good and the corrupted text of a pair share a fold, so the probe never sees one while tested on the other.
+        probe.fit(features.all_layers(config.pooling, rows), labels[rows], groups=pair_index[rows])
         signals.probe_accuracy[capability] = probe.accuracy_
         signals.probe_ci[capability] = probe.accuracy_ci_
         signals.probe_selectivity[capability] = probe.selectivity_
@@ -145,7 +153,7 @@ def cka_sample(n_examples: int, limit: int, seed: int) -> np.ndarray:
 
 
 def measure(loaded: LoadedModel, suite, config: DiscoverConfig, work_dir: Path) -> tuple[LayerSignals, LayerFeatures]:
-    texts, labels, groups = suite_inputs(suite, config.n_train)
+    texts, labels, groups, pair_index = suite_inputs(suite, config.n_train)
     logger.info("probing %d texts (%s) at %d layers", len(texts), ", ".join(CAPABILITIES), loaded.num_layers)
     features = extract_features(
         loaded.model, loaded.tokenizer, loaded.stack, texts, work_dir / "features",
@@ -153,7 +161,7 @@ def measure(loaded: LoadedModel, suite, config: DiscoverConfig, work_dir: Path) 
     )
     signals = LayerSignals()
     if "probe" in config.signals:
-        fit_probes(features, labels, groups, config, signals)
+        fit_probes(features, labels, groups, pair_index, config, signals)
     if "cka" in config.signals:
         sample = cka_sample(len(texts), config.cka_examples, config.seed)
         layer_features = features.all_layers(config.pooling, sample)
@@ -206,8 +214,8 @@ def bootstrap_feature_fn(signals: LayerSignals, features: LayerFeatures, config:
     """Return f(indices) -> segmentation features recomputed from resampled examples.
 
     CKA is recomputed on a resample of the CKA examples and the attribution
-    profiles on a resample of the attribution pairs (the same index vector
-    drives both, modulo each pool's size).
+    profiles on a resample of the attribution pairs; one index vector drives
+    both, folded into each pool's size.
     """
     # NOTE: probe curves enter every resample unchanged, because refitting
     # cross-validated probes per resample costs minutes; the reported
@@ -220,7 +228,9 @@ def bootstrap_feature_fn(signals: LayerSignals, features: LayerFeatures, config:
         if cka_features is not None:
             picked = indices % cka_features.shape[1]
             cka = cka_matrix(cka_features[:, picked, :], progress=False)
-        attribution = {c: rows[indices % rows.shape[0]].mean(axis=0) for c, rows in signals.attribution.items()}
+        # The first n_pairs of the iid indices, folded into [0, n_pairs), are an iid resample of the pairs.
+        attribution = {c: rows[indices[: rows.shape[0]] % rows.shape[0]].mean(axis=0)
+                       for c, rows in signals.attribution.items()}
         return segmentation_features(signals, cka, attribution)
 
     return feature_fn, len(sample)

@@ -103,15 +103,17 @@ def plot_cka_heatmap(
     )
     figure.colorbar(image, ax=axes, label="debiased linear CKA (unitless)")
 
-    for name, start, end in blocks:
+    for index, (name, start, end) in enumerate(blocks):
         if start > 0:
             axes.axhline(start - 0.5, color="white", linewidth=1.2)
             axes.axvline(start - 0.5, color="white", linewidth=1.2)
-        axes.text((start + end - 1) / 2, -0.7, name, ha="center", va="bottom", fontsize=8)
+        # Every other name sits one text row higher, so names of narrow neighbouring blocks do not overlap.
+        axes.annotate(name, ((start + end - 1) / 2, -0.5), xytext=(0, 2 + 10 * (index % 2)),
+                      textcoords="offset points", ha="center", va="bottom", fontsize=8)
 
     axes.set_xlabel(_LAYER_AXIS_LABEL)
     axes.set_ylabel(_LAYER_AXIS_LABEL)
-    axes.set_title(title, pad=22 if blocks else 6)
+    axes.set_title(title, pad=30 if blocks else 6)
     return _save_atomically(figure, path)
 
 
@@ -136,9 +138,9 @@ def _shade_blocks(axes, blocks: Sequence[NamedBlock]) -> None:
             axes.axvspan(start - 0.5, end - 0.5, color="0.9", zorder=0)
         if start > 0:
             axes.axvline(start - 0.5, color="0.5", linestyle="--", linewidth=0.8, zorder=1)
-        axes.text(
-            (start + end - 1) / 2, 1.01, name, transform=axes.get_xaxis_transform(),
-            ha="center", va="bottom", fontsize=8,
+        axes.annotate(
+            name, ((start + end - 1) / 2, 1.0), xycoords=axes.get_xaxis_transform(),
+            xytext=(0, 2 + 10 * (index % 2)), textcoords="offset points", ha="center", va="bottom", fontsize=8,
         )
 
 
@@ -190,6 +192,6 @@ def plot_layer_curves(
     axes.set_xlim(-0.5, n_layers - 0.5)
     axes.set_xlabel(_LAYER_AXIS_LABEL)
     axes.set_ylabel(ylabel)
-    axes.set_title(title, pad=22 if blocks else 6)
+    axes.set_title(title, pad=30 if blocks else 6)
     axes.legend(fontsize=8)
     return _save_atomically(figure, path)

@@ -17,7 +17,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -54,10 +54,10 @@ def wilson_interval(n_correct: int, n_total: int, z: float = _Z_95) -> tuple[flo
 
 
 def _count_out_of_fold_correct(
-    pipeline: Pipeline, features: np.ndarray, labels: np.ndarray, folds: StratifiedKFold
+    pipeline: Pipeline, features: np.ndarray, labels: np.ndarray, folds, groups: np.ndarray | None = None
 ) -> int:
     """Count the correct out-of-fold predictions of pipeline, pooled over all folds."""
-    predictions = cross_val_predict(pipeline, features, labels, cv=folds)
+    predictions = cross_val_predict(pipeline, features, labels, cv=folds, groups=groups)
     return int(np.sum(predictions == labels))
 
 
@@ -159,16 +159,31 @@ class LinearProbeSuite(BaseEstimator):
                 )
         return layers
 
+    def _check_groups(self, groups: np.ndarray | None, n_examples: int) -> np.ndarray | None:
+        """Check that groups, if given, match the examples and allow n_splits folds."""
+        if groups is None:
+            return None
+        groups = np.asarray(groups)
+        if groups.shape != (n_examples,):
+            raise ValueError(f"`groups` must have shape ({n_examples},) to match `labels`, got shape {groups.shape}.")
+        n_groups = len(np.unique(groups))
+        if n_groups < self.n_splits:
+            raise ValueError(
+                f"group cross-validation with {self.n_splits} folds needs at least {self.n_splits} groups, "
+                f"got {n_groups}; add examples or lower `n_splits`."
+            )
+        return groups
+
     def _probe_layer(
-        self, features: np.ndarray, labels: np.ndarray, shuffled: np.ndarray, folds: StratifiedKFold
+        self, features: np.ndarray, labels: np.ndarray, shuffled: np.ndarray, folds, groups: np.ndarray | None
     ) -> tuple[int, int]:
         """Return the numbers of correct out-of-fold predictions on true and on shuffled labels."""
-        n_correct = _count_out_of_fold_correct(self._make_pipeline(), features, labels, folds)
-        n_control = _count_out_of_fold_correct(self._make_pipeline(), features, shuffled, folds)
+        n_correct = _count_out_of_fold_correct(self._make_pipeline(), features, labels, folds, groups)
+        n_control = _count_out_of_fold_correct(self._make_pipeline(), features, shuffled, folds, groups)
         return n_correct, n_control
 
     def fit(
-        self, features: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray
+        self, features: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None
     ) -> LinearProbeSuite:
         """Probe every layer and its shuffled-label control.
 
@@ -177,6 +192,11 @@ class LinearProbeSuite(BaseEstimator):
                 a sequence of n_layers arrays of shape (n_examples, d_l).
             labels: Class labels of shape (n_examples,), two or more classes,
                 each with at least n_splits examples.
+            groups: Optional group ids of shape (n_examples,). Examples of one
+                group always land in the same fold (StratifiedGroupKFold). Pass
+                the pair id when the good and the corrupted text of a pair are
+                both examples: split across folds, their near-identical features
+                with opposite labels push accuracy below chance.
 
         Returns:
             self, with the fitted attributes set.
@@ -187,15 +207,17 @@ class LinearProbeSuite(BaseEstimator):
         """
         labels = self._check_labels(labels)
         layers = self._check_features(features, len(labels))
+        groups = self._check_groups(groups, len(labels))
 
         rng = np.random.default_rng(self.random_state)
         shuffled = rng.permutation(labels)
         fold_seed = int(rng.integers(2**31 - 1))
-        folds = StratifiedKFold(n_splits=self.n_splits, shuffle=True, random_state=fold_seed)
+        splitter = StratifiedKFold if groups is None else StratifiedGroupKFold
+        folds = splitter(n_splits=self.n_splits, shuffle=True, random_state=fold_seed)
 
         logger.info("probing %d layers with %d-fold cross-validation", len(layers), self.n_splits)
         results = Parallel(n_jobs=self.n_jobs)(
-            delayed(self._probe_layer)(layer, labels, shuffled, folds) for layer in layers
+            delayed(self._probe_layer)(layer, labels, shuffled, folds, groups) for layer in layers
         )
         self._set_results(np.array(results), len(labels))
         self.classes_ = np.unique(labels)

@@ -162,3 +162,30 @@ def test_wilson_interval_extremes_stay_in_range():
 def test_wilson_interval_rejects_invalid_counts():
     with pytest.raises(ValueError, match="got n_correct=11, n_total=10"):
         wilson_interval(11, 10)
+
+
+def _paired_noise(n_pairs: int = 60, d: int = 20, seed: int = 0):
+    """Pairs of near-identical vectors with opposite labels and no label signal."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=(n_pairs, d))
+    features = np.repeat(shared, 2, axis=0) + 0.01 * rng.normal(size=(2 * n_pairs, d))
+    labels = np.tile([1, 0], n_pairs)
+    pair_ids = np.repeat(np.arange(n_pairs), 2)
+    return features[None], labels, pair_ids
+
+
+def test_probe_groups_keep_pairs_in_one_fold():
+    features, labels, pair_ids = _paired_noise()
+    ungrouped = LinearProbeSuite(random_state=0).fit(features, labels)
+    grouped = LinearProbeSuite(random_state=0).fit(features, labels, groups=pair_ids)
+    # Split across folds, a pair's twin with the opposite label drags accuracy below chance.
+    assert ungrouped.accuracy_[0] < 0.35
+    assert 0.35 <= grouped.accuracy_[0] <= 0.65
+
+
+def test_probe_groups_shape_and_count_checked():
+    features, labels, pair_ids = _paired_noise(n_pairs=6)
+    with pytest.raises(ValueError, match=r"`groups` must have shape \(12,\) to match `labels`, got shape \(11,\)"):
+        LinearProbeSuite().fit(features, labels, groups=pair_ids[:11])
+    with pytest.raises(ValueError, match=r"needs at least 5 groups, got 3"):
+        LinearProbeSuite().fit(features, labels, groups=pair_ids // 2)
