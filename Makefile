@@ -33,7 +33,8 @@ demo: setup
 		--out $(DEMO_OUT)/discovered.json
 	$(BIN)/layer-report experiment --model $(DEMO_MODEL) --partition $(DEMO_OUT)/discovered.json \
 		--strategies base,full --seeds 0 --max-steps $(DEMO_STEPS) --n-train 32 --n-heldout 16 \
-		--n-texts 8 --max-length 128 --runs-dir $(DEMO_OUT)/runs --out $(DEMO_OUT)/report
+		--n-texts 8 --max-length 128 --align-arg max_length=128 --align-arg per_device_batch_size=2 \
+		--runs-dir $(DEMO_OUT)/runs --out $(DEMO_OUT)/report
 	@echo "demo finished: see $(DEMO_OUT)/report/report.md and $(DEMO_OUT)/discovered-probe/*.png"
 
 test: setup
