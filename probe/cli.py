@@ -42,7 +42,8 @@ HELP = {
     "dtype": "parameter dtype; default %(default)s",
     "device": "cpu, cuda or auto (CUDA when available); default %(default)s",
     "layers_path": "dotted path of the decoder layer list, e.g. model.layers (overrides the resolver)",
-    "resume": "reuse activation features captured by an earlier interrupted run with the same settings",
+    "resume": "reuse the activation features (even of an interrupted run) and the signals of an earlier run with "
+              "the same measurement settings, so only the segmentation runs again",
     "signals": "comma-separated signals to segment on: probe, cka, attribution; default all three",
 }
 CHOICES = {"preset": ["thirds"], "pooling": ["mean", "last"], "dtype": list(DTYPES), "device": ["cpu", "cuda", "auto"]}

@@ -10,6 +10,7 @@ bootstrap for boundary stability.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 from probe import __version__
 from probe.activations import LayerFeatures, extract_features
 from probe.attribution import attribution_mass, dpo_gradient_attribution
-from probe.io import write_json_atomic
+from probe.io import atomic_path, write_json_atomic
 from probe.models import LoadedModel, load_model
 from probe.partition import CAPABILITIES, Block, Partition
 from probe.plots import plot_cka_heatmap, plot_layer_curves
@@ -352,7 +353,18 @@ def write_figures(partition: Partition, signals: LayerSignals, work_dir: Path) -
     return paths
 
 
-def save_signals(signals: LayerSignals, work_dir: Path) -> None:
+MEASUREMENT_FIELDS = ("model", "seed", "n_train", "attribution_pairs", "cka_examples", "n_splits", "pooling",
+                      "batch_size", "max_length", "beta", "dtype", "layers_path", "signals")
+
+
+def measurement_key(config: DiscoverConfig, data_hash: str) -> dict[str, Any]:
+    """Settings that determine the measured signals; segmentation settings are not part of it."""
+    return {**{name: getattr(config, name) for name in MEASUREMENT_FIELDS}, "data": data_hash,
+            "version": __version__}
+
+
+def save_signals(signals: LayerSignals, work_dir: Path, key: dict[str, Any]) -> None:
+    """Write the signals to `signals.npz` and the settings that produced them to `signals.json`."""
     arrays: dict[str, np.ndarray] = {}
     for capability in signals.probe_accuracy:
         arrays[f"probe_accuracy/{capability}"] = signals.probe_accuracy[capability]
@@ -363,11 +375,33 @@ def save_signals(signals: LayerSignals, work_dir: Path) -> None:
     if signals.cka is not None:
         arrays["cka"] = signals.cka
         arrays["angular"] = signals.angular
-    from probe.io import atomic_path
 
     with atomic_path(work_dir / "signals.npz") as temporary:
         with temporary.open("wb") as handle:
             np.savez(handle, **arrays)
+    write_json_atomic(work_dir / "signals.json", key)
+
+
+def load_saved_signals(work_dir: Path, key: dict[str, Any]) -> tuple[LayerSignals, LayerFeatures] | None:
+    """Return earlier signals and features measured with the same settings, or None."""
+    try:
+        saved_key = json.loads((work_dir / "signals.json").read_text())
+        meta = json.loads((work_dir / "features" / "meta.json").read_text())
+        arrays = np.load(work_dir / "signals.npz")
+    except (OSError, ValueError):
+        return None
+    if saved_key != json.loads(json.dumps(key)) or meta.get("done") != meta.get("total"):
+        return None
+
+    signals = LayerSignals()
+    for name in arrays.files:
+        if "/" in name:
+            group, capability = name.split("/", 1)
+            getattr(signals, group)[capability] = arrays[name]
+    if "cka" in arrays.files:
+        signals.cka, signals.angular = arrays["cka"], arrays["angular"]
+    features = LayerFeatures(work_dir / "features", meta["layers"], meta["total"], meta["hidden_size"])
+    return signals, features
 
 
 def run_discovery(config: DiscoverConfig, loaded: LoadedModel | None = None) -> Partition:
@@ -394,12 +428,18 @@ def run_discovery(config: DiscoverConfig, loaded: LoadedModel | None = None) -> 
     from probe.suite import load_suite
 
     suite = load_suite(seed=config.seed, n_train=config.n_train)
-    signals, features = measure(loaded, suite, config, work_dir)
+    key = measurement_key(config, suite.manifest_hash)
+    saved = load_saved_signals(work_dir, key) if config.resume else None
+    if saved is not None:
+        logger.info("reusing signals measured earlier with the same settings in %s", work_dir)
+        signals, features = saved
+    else:
+        signals, features = measure(loaded, suite, config, work_dir)
+        save_signals(signals, work_dir, key)
     partition = discover_partition(signals, features, loaded, config, suite.manifest_hash)
     partition.method["seconds"] = round(time.perf_counter() - started, 1)
 
     partition.save(config.out)
-    save_signals(signals, work_dir)
     write_figures(partition, signals, work_dir)
     write_json_atomic(work_dir / "config.json", asdict(config))
     return partition
