@@ -19,11 +19,22 @@ def test_pool_hidden_masks_padding_both_sides():
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     mean_right, last_right = pool_hidden(hidden, right)
     mean_left, last_left = pool_hidden(hidden, left)
-    assert torch.allclose(mean_right[0], hidden[0, :2].mean(0))
+    # The mean skips the first real token (an attention sink in many LMs).
+    assert torch.allclose(mean_right[0], hidden[0, 1])
     assert torch.equal(last_right[0], hidden[0, 1])
-    assert torch.allclose(mean_left[0], hidden[0, 2:].mean(0))
+    assert torch.allclose(mean_left[0], hidden[0, 3])
     assert torch.equal(last_left[0], hidden[0, 3])
+    assert torch.allclose(mean_right[1], hidden[1, 1:].mean(0))
     assert torch.equal(last_right[1], hidden[1, 3])
+
+
+def test_pool_hidden_keeps_single_token():
+    hidden = torch.randn(2, 3, 4)
+    left = torch.tensor([[0, 0, 1], [0, 1, 1]])
+    mean, last = pool_hidden(hidden, left)
+    assert torch.equal(mean[0], hidden[0, 2])
+    assert torch.equal(last[0], hidden[0, 2])
+    assert torch.allclose(mean[1], hidden[1, 2])
 
 
 @pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-gemma3"])
@@ -48,7 +59,7 @@ def test_features_match_hidden_states(tmp_path):
         hidden = loaded.model(**encoded, output_hidden_states=True).hidden_states
     # hidden_states[i + 1] is the output of layer i; the last entry already has the final norm applied.
     for layer in range(loaded.num_layers - 1):
-        expected = hidden[layer + 1][0].mean(0).numpy()
+        expected = hidden[layer + 1][0, 1:].mean(0).numpy()
         np.testing.assert_allclose(features.layer(layer, "mean")[0], expected, rtol=2e-3, atol=2e-3)
 
 
