@@ -8,7 +8,7 @@ Measures, side by side in one run on the same batches:
      subprocess, and the growth between them.
 
 Usage:
-    python benchmarks/bench_probe.py --model smollm2 --examples 512 --memory-examples 512,4096
+    python benchmarks/bench_probe.py --model smollm2 --examples 512 --memory-examples 512,4096 --repeats 2
 """
 
 from __future__ import annotations
@@ -69,11 +69,14 @@ def peak_rss_child(model: str, n: int, batch_size: int, max_length: int) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--examples", type=int, default=512, help="examples for the timing comparison")
-    parser.add_argument("--memory-examples", default="512,4096", help="two example counts for the memory growth")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--model", default="smollm2", help="model alias, HF id or path (default: %(default)s)")
+    parser.add_argument("--examples", type=int, default=512, help="examples for the timing comparison (default: %(default)s)")
+    parser.add_argument("--memory-examples", default="512,4096",
+                        help="two example counts for the memory growth (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=128, help="truncation length in tokens")
+    parser.add_argument("--memory-max-length", type=int, default=32,
+                        help="truncation length in tokens for the two memory runs (short, so 4096 examples stay quick)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timing rounds; the median is reported")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -88,15 +91,15 @@ def main() -> None:
     plain_s, capture_s = sorted(plain)[len(plain) // 2], sorted(capture)[len(capture) // 2]
 
     small, large = (int(n) for n in args.memory_examples.split(","))
-    rss_small = peak_rss_child(args.model, small, args.batch_size, args.max_length)
-    rss_large = peak_rss_child(args.model, large, args.batch_size, args.max_length)
+    rss_small = peak_rss_child(args.model, small, args.batch_size, args.memory_max_length)
+    rss_large = peak_rss_child(args.model, large, args.batch_size, args.memory_max_length)
 
     result = {
         "model": args.model, "examples": args.examples, "batch_size": args.batch_size, "max_length": args.max_length,
         "torch_threads": torch.get_num_threads(),
         "plain_hidden_states_s": round(plain_s, 2), "capture_s": round(capture_s, 2),
         "capture_over_plain": round(capture_s / plain_s, 3),
-        f"peak_rss_mib_{small}": round(rss_small, 1), f"peak_rss_mib_{large}": round(rss_large, 1),
+        "memory_max_length": args.memory_max_length, f"peak_rss_mib_{small}": round(rss_small, 1), f"peak_rss_mib_{large}": round(rss_large, 1),
         "peak_rss_growth": round(rss_large / rss_small - 1, 3),
     }
     print(json.dumps(result, indent=2))

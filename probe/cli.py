@@ -17,6 +17,7 @@ from dataclasses import fields
 from probe.discover import DiscoverConfig, run_discovery
 from probe.layers import layer_map
 from probe.models import ALIASES, DTYPES, ModelNotAvailableError, load_model
+from probe.data.sources import SourceFetchError
 from probe.partition import PartitionError
 
 logger = logging.getLogger(__name__)
@@ -40,18 +41,19 @@ HELP = {
     "max_length": "truncation length in tokens; default %(default)s",
     "beta": "DPO beta of the attribution loss (scales all layers alike); default %(default)s",
     "dtype": "parameter dtype; default %(default)s",
-    "device": "cpu, cuda or auto (CUDA when available); default %(default)s",
+    "device": "cpu, cuda, cuda:N or auto (CUDA when available); default %(default)s",
     "layers_path": "dotted path of the decoder layer list, e.g. model.layers (overrides the resolver)",
     "resume": "reuse the activation features (even of an interrupted run) and the signals of an earlier run with "
               "the same measurement settings, so only the segmentation runs again",
     "signals": "comma-separated signals to segment on: probe, cka, attribution; default all three",
 }
-CHOICES = {"preset": ["thirds"], "pooling": ["mean", "last"], "dtype": list(DTYPES), "device": ["cpu", "cuda", "auto"]}
+CHOICES = {"preset": ["thirds"], "pooling": ["mean", "last"], "dtype": list(DTYPES)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="probe-layers",
+        allow_abbrev=False,
         description="Probe every decoder layer (linear probes, debiased CKA, DPO gradient attribution), "
         "segment the layers into contiguous functional blocks and write a partition file for `align`.",
         epilog="Layers are 0-based indices into the decoder layer list; blocks are half-open [start, end).",
@@ -85,9 +87,13 @@ def config_from_args(args: argparse.Namespace) -> DiscoverConfig:
     unknown = sorted(set(values["signals"]) - {"probe", "cka", "attribution"})
     if unknown or not values["signals"]:
         raise ValueError(f"`--signals` takes probe, cka and attribution, got {args.signals!r}")
-    for name in ("max_blocks", "min_block", "n_train", "batch_size", "max_length", "cka_examples"):
-        if values[name] < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be at least 1, got {values[name]}")
+    minimums = {"max_blocks": 1, "min_block": 1, "n_train": 1, "batch_size": 1, "max_length": 1, "cka_examples": 4,
+                "attribution_pairs": 1, "n_splits": 2, "n_boot": 0}
+    for name, minimum in minimums.items():
+        if values[name] < minimum:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be at least {minimum}, got {values[name]}")
+    if values["beta"] <= 0:
+        raise ValueError(f"`--beta` must be positive, got {values['beta']}")
     if values["blocks"] is not None and values["blocks"] < 1:
         raise ValueError(f"`--blocks` must be at least 1, got {values['blocks']}")
     return DiscoverConfig(**values)
@@ -131,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
+        if args.generate and not args.show_layers:
+            raise ValueError("`--generate` needs --show-layers; add it to print the layer map and the completion")
         if args.show_layers:
             show_layers(args)
             return 0
         config = config_from_args(args)
         partition = run_discovery(config)
-    except (ValueError, ModelNotAvailableError, PartitionError, FileNotFoundError) as error:
+    except (ValueError, ModelNotAvailableError, PartitionError, FileNotFoundError, SourceFetchError) as error:
         print(f"probe-layers: error: {error}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ from probe import __version__
 from probe.activations import LayerFeatures, extract_features
 from probe.attribution import attribution_mass, dpo_gradient_attribution
 from probe.io import write_json_atomic
-from probe.models import LoadedModel, load_model
+from probe.models import LoadedModel, ModelNotAvailableError, load_model, resolve_model_spec
 from probe.partition import CAPABILITIES, Block, Partition
 from probe.probes import LinearProbeSuite
 from probe.segment import bootstrap_boundaries, choose_k, segment
@@ -285,8 +285,34 @@ def discover_partition(signals: LayerSignals, features: LayerFeatures, loaded: L
 
 
 def model_metadata(loaded: LoadedModel) -> dict[str, Any]:
-    return {"name": loaded.spec.name, "source": loaded.spec.source, "num_layers": loaded.num_layers,
-            "layers_path": loaded.stack.path}
+    return {"name": loaded.spec.name, "source": loaded.spec.source, "hf_id": loaded.spec.hf_id,
+            "num_layers": loaded.num_layers, "layers_path": loaded.stack.path}
+
+
+def check_block_counts(config: DiscoverConfig, num_layers: int) -> None:
+    """Reject --blocks, --min-block and --max-blocks that cannot fit `num_layers` layers, before any probing."""
+    if config.min_block > num_layers:
+        raise ValueError(f"`--min-block` must be at most the model's {num_layers} layers, got {config.min_block}")
+    if config.blocks is not None and config.blocks * config.min_block > num_layers:
+        raise ValueError(
+            f"`--blocks` {config.blocks} times `--min-block` {config.min_block} exceeds the model's {num_layers} "
+            f"layers; lower --blocks or --min-block"
+        )
+
+
+def write_preset_without_model(config: DiscoverConfig) -> Partition | None:
+    """Write the thirds preset from the layer count an alias records, when the model cannot be loaded."""
+    spec = resolve_model_spec(config.model)
+    if spec.num_layers is None:
+        return None
+    metadata = {"name": spec.name, "source": spec.source, "hf_id": spec.hf_id, "num_layers": spec.num_layers,
+                "layers_path": config.layers_path or "model.layers"}
+    partition = Partition.thirds(spec.num_layers, metadata)
+    partition.created_by = f"probe-layers {__version__}"
+    partition.save(config.out)
+    logger.warning("%s could not be loaded; wrote the thirds preset from its known layer count (%d)",
+                   spec.name, spec.num_layers)
+    return partition
 
 
 def run_discovery(config: DiscoverConfig, loaded: LoadedModel | None = None) -> Partition:
@@ -300,7 +326,16 @@ def run_discovery(config: DiscoverConfig, loaded: LoadedModel | None = None) -> 
         The written partition.
     """
     started = time.perf_counter()
-    loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device, layers_path=config.layers_path)
+    if loaded is None:
+        try:
+            loaded = load_model(config.model, dtype=config.dtype, device=config.device, layers_path=config.layers_path)
+        except ModelNotAvailableError:
+            # The thirds preset needs only the layer count, which the aliases record.
+            partition = write_preset_without_model(config) if config.preset == "thirds" else None
+            if partition is None:
+                raise
+            return partition
+    check_block_counts(config, loaded.num_layers)
     work_dir = config.resolved_work_dir()
     work_dir.mkdir(parents=True, exist_ok=True)
 

