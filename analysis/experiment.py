@@ -3,17 +3,22 @@
 The base model is always in the report: it is the reference every run is
 compared against. Each other strategy is trained once per seed with
 `align.trainer.run_alignment` into `<runs_dir>/<label>-seed<k>`, and the report
-pools the seeds of a label (see `analysis.evaluate.group_runs`). A run
-directory that already contains a finished run is reused, so an interrupted
-experiment continues where it stopped.
+pools the seeds of a label (see `analysis.evaluate.group_runs`).
+
+A planned run directory that already exists is checked against the plan. A
+finished run with the same settings is reused and an unfinished one is resumed
+from its last checkpoint, so an interrupted experiment continues where it
+stopped. A run with other settings (another model, step budget, seed, ...) is
+rejected, so the report never contains runs that the experiment did not plan.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from analysis.evaluate import EvalData, EvalSettings
 from analysis.report import build_report
@@ -24,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 THIRDS_STRATEGIES = ("full", "local", "intermediate", "global")
 DEFAULT_STRATEGIES = ("base", *THIRDS_STRATEGIES)
+# AlignConfig fields that may differ between a saved run and the plan: they locate the run directory
+# or change only logging, the device and the run's own evaluation, not the trained weights. Unlike
+# align's resume check, `n_heldout` is compared, because the suite's split is built from it and the
+# report scores the held-out pairs of the plan's split.
+UNCOMPARED_SETTINGS = frozenset({"output_dir", "run_name", "resume", "device", "report_to", "logging_steps", "eval_heldout"})
+
+RunState = Literal["new", "unfinished", "finished"]
 
 
 @dataclass
@@ -114,30 +126,79 @@ def plan_runs(experiment: Experiment) -> list[PlannedRun]:
 
 
 def is_finished(run_dir: Path) -> bool:
-    """Return True when `run_dir` contains config.json and every adapter it lists."""
-    try:
-        from analysis.runs import load_run
+    """Return True when `run_dir` contains config.json, every adapter it lists and, when requested, eval.json."""
+    from analysis.runs import load_run
 
-        load_run(run_dir)
-        return True
+    try:
+        run = load_run(run_dir)
     except ValueError:
         return False
+    wants_eval = bool((run.config.get("config") or {}).get("eval_heldout"))
+    return not wants_eval or (run_dir / "eval.json").is_file()
+
+
+def differing_settings(saved: dict[str, Any], planned: dict[str, Any]) -> list[str]:
+    """List the compared settings whose saved and planned values differ, as "key: saved -> planned"."""
+    planned = json.loads(json.dumps(planned))  # tuples become lists, as in the saved JSON
+    keys = sorted((set(saved) | set(planned)) - UNCOMPARED_SETTINGS)
+    return [f"{key}: {saved.get(key)!r} -> {planned.get(key)!r}" for key in keys if saved.get(key) != planned.get(key)]
+
+
+def run_state(run_dir: Path, planned: dict[str, Any]) -> RunState:
+    """Classify a planned run directory as new, unfinished or finished.
+
+    Args:
+        run_dir: The planned run directory.
+        planned: The planned `AlignConfig` as a dict (`AlignConfig.to_dict()`).
+
+    Raises:
+        ValueError: If `run_dir` contains a run whose settings differ from the
+            plan, or whose config.json is not valid JSON.
+    """
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        return "new"  # align writes config.json before training, so nothing of this run was trained
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8")).get("config") or {}
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{config_path} is not a valid run config ({error}); delete {run_dir} or use another --runs-dir") from error
+
+    differences = differing_settings(saved, planned)
+    if differences:
+        raise ValueError(
+            f"run directory {run_dir} contains a run with other settings than this experiment plans "
+            f"({'; '.join(differences)}); use another --runs-dir, or delete {run_dir} to train it again"
+        )
+    return "finished" if is_finished(run_dir) else "unfinished"
 
 
 def train_runs(planned: list[PlannedRun]) -> list[Path]:
-    """Train each planned run that has not finished yet; return every run directory in plan order."""
+    """Train each planned run that has not finished yet; return every run directory in plan order.
+
+    Every existing run directory is checked before any training starts, so a
+    mismatch fails at once instead of after hours of training. Unfinished runs
+    are resumed from their last checkpoint.
+
+    Raises:
+        ValueError: If an existing run directory contains a run with other settings.
+    """
     from align.config import AlignConfig
     from align.trainer import run_alignment
 
-    run_dirs = []
-    for index, run in enumerate(planned, start=1):
-        run_dir = Path(run.options["output_dir"]) / run.name
-        if is_finished(run_dir):
+    configs = [AlignConfig(**run.options) for run in planned]
+    run_dirs = [Path(config.output_dir) / config.resolved_run_name for config in configs]
+    states = [run_state(run_dir, config.to_dict()) for run_dir, config in zip(run_dirs, configs)]
+
+    for index, (run, config, run_dir, state) in enumerate(zip(planned, configs, run_dirs, states), start=1):
+        if state == "finished":
             logger.info("[%d/%d] %s is already trained; reusing %s", index, len(planned), run.name, run_dir)
+            continue
+        if state == "unfinished":
+            logger.info("[%d/%d] resuming %s from its last checkpoint in %s", index, len(planned), run.name, run_dir)
+            config.resume = True
         else:
             logger.info("[%d/%d] training %s", index, len(planned), run.name)
-            run_dir = run_alignment(AlignConfig(**run.options))
-        run_dirs.append(Path(run_dir))
+        run_dirs[index - 1] = Path(run_alignment(config))
     return run_dirs
 
 

@@ -234,8 +234,9 @@ def judge_section(judge: dict[str, Any]) -> list[str]:
 def render_markdown(report: dict[str, Any]) -> str:
     """Render the report's tables as Markdown, with the figures linked."""
     runs = ", ".join(run["name"] for run in report["runs"])
+    models = ", ".join(dict.fromkeys(run["model"] for run in report["runs"]))
     parts = [
-        "# Layer report", "",
+        f"# Layer report: {models}", "",
         f"Runs: {runs}. Layers are 0-based and blocks are half-open [start, end).", "",
         "## Where training changed the model", "",
         "Update norm of each block: the square root of the summed squared Frobenius norms of the",
