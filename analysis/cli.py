@@ -11,6 +11,9 @@ step budget (plus the blocks of a discovered partition), then report:
     layer-report experiment --model smollm2 --seeds 0,1,2 --max-steps 50 \\
         --partition discovered.json --runs-dir runs/exp --out report/
 
+Rerunning the same experiment command reuses finished runs and resumes
+unfinished ones; a run directory trained with other settings is an error.
+
 Add an LLM-as-judge table with --judge-model, served at --judge-url (an
 OpenAI-compatible API) or run locally without it:
 
@@ -24,6 +27,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,17 +41,19 @@ logger = logging.getLogger(__name__)
 USAGE_ERROR = 2
 
 
-def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+def add_evaluation_options(parser: argparse.ArgumentParser, *, allow_no_eval: bool = True) -> None:
     group = parser.add_argument_group("evaluation")
     group.add_argument("--out", type=Path, required=True, help="Report directory, created if missing; it will contain report.md, report.json, figures/ and cache/.")
-    group.add_argument("--no-eval", action="store_true", help="Report LoRA update norms only; skip scoring held-out data.")
+    if allow_no_eval:
+        # Not offered by `experiment`, whose report compares every run with the base model.
+        group.add_argument("--no-eval", action="store_true", help="Report LoRA update norms only; skip scoring held-out data.")
     group.add_argument("--suite-seed", type=int, default=0, help="Seed of the capability suite (default: 0, as align uses).")
     group.add_argument("--n-train", type=int, default=300, help="Train pairs per capability the suite was built with (default: 300).")
     group.add_argument("--n-heldout", type=int, default=100, help="Held-out pairs per capability (default: 100).")
     group.add_argument("--n-texts", type=int, default=100, help="Maximum held-out Brown passages for perplexity (default: 100).")
     group.add_argument("--batch-size", type=int, default=8, help="Sequences per forward pass when scoring (default: 8).")
     group.add_argument("--max-length", type=int, default=512, help="Token limit per prompt + completion (default: 512).")
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu).")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto, which picks CUDA when available (default: auto).")
     group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="Scoring dtype (default: float32).")
     group.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help=f"Bootstrap replicates per interval (default: {DEFAULT_RESAMPLES}).")
     group.add_argument("--level", type=float, default=DEFAULT_LEVEL, help=f"Interval coverage in (0, 1) (default: {DEFAULT_LEVEL}).")
@@ -60,6 +66,7 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
 def report_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layer-report",
+        allow_abbrev=False,
         description="Report where LoRA training changed the model (update norms per layer and module) and what it "
                     "gained or lost (held-out preference accuracy, alignment tax, perplexity). "
                     "Use `layer-report experiment --help` to train all strategies first.",
@@ -72,8 +79,11 @@ def report_parser() -> argparse.ArgumentParser:
 def experiment_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layer-report experiment",
+        allow_abbrev=False,
         description="Train base, full, local, intermediate and global (and the blocks of a discovered partition) "
-                    "on the same data, seeds and step budget, then write the layer report.",
+                    "on the same data, seeds and step budget, then write the layer report. Existing runs in "
+                    "--runs-dir with the same settings are reused, or resumed when unfinished; runs with other "
+                    "settings are an error.",
     )
     parser.add_argument("--model", default="smollm2", help="Model alias or path for every run (default: smollm2).")
     parser.add_argument("--strategies", default="base,full,local,intermediate,global",
@@ -85,7 +95,7 @@ def experiment_parser() -> argparse.ArgumentParser:
     parser.add_argument("--align-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="Further AlignConfig setting for every run, value parsed as JSON when it parses "
                              "(e.g. learning_rate=5e-4, lora_r=16). May be repeated.")
-    add_evaluation_options(parser)
+    add_evaluation_options(parser, allow_no_eval=False)
     return parser
 
 
@@ -123,7 +133,7 @@ def evaluation_settings(args: argparse.Namespace) -> EvalSettings:
 
 
 def load_data(args: argparse.Namespace):
-    if args.no_eval:
+    if getattr(args, "no_eval", False):
         return None
     from analysis.evaluate import eval_data_from_suite
 
@@ -172,10 +182,9 @@ def run_experiment_command(args: argparse.Namespace) -> None:
     # Training and evaluation must build the same suite, or held-out pairs could leak into training.
     experiment.align_options.setdefault("n_train", args.n_train)
     experiment.align_options.setdefault("n_heldout", args.n_heldout)
+    experiment.align_options.setdefault("device", args.device)
     experiment.validate()
     settings = evaluation_settings(args)
-    if args.no_eval:
-        raise ValueError("`--no-eval` is not available for experiments, whose report compares every run with the base model")
     run_experiment(experiment, args.out, data=load_data(args), settings=settings, judge=judge_function(args, args.out))
     logger.info("wrote %s", args.out / "report.md")
 
@@ -200,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
 
     try:
-        run_experiment_command(args) if is_experiment else run_report(args)
+        with warnings.catch_warnings():
+            # PEFT 0.21 and TRL 1.16 read `model.is_gradient_checkpointing`, which transformers 5 deprecates
+            # with this FutureWarning on every model load; it is not about anything the user set.
+            warnings.filterwarnings(
+                "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+            )
+            run_experiment_command(args) if is_experiment else run_report(args)
     except (RunError, ValueError, FileNotFoundError) as error:
         # PartitionError, AlignConfigError and RunError are ValueErrors: invalid user input.
         logger.debug("invalid input", exc_info=True)

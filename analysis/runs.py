@@ -19,7 +19,7 @@ from probe.partition import Partition, PartitionError
 logger = logging.getLogger(__name__)
 
 DEFAULT_BETA = 0.1
-CREATE_HINT = "create one with `align --out runs/<name>` (or `layer-report experiment`)"
+CREATE_HINT = "create one with `align --output-dir runs --run-name <name>` (or `layer-report experiment`)"
 
 
 class RunError(ValueError):
