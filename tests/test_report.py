@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
+import align.trainer as trainer_module
+import analysis.cli as cli_module
+import analysis.experiment as experiment_module
 import analysis.judge as judge_module
-from analysis.cli import experiment_parser, main
+from align.config import AlignConfig
+from analysis.cli import experiment_parser, main, report_parser
 from analysis.evaluate import EvalData, EvalSettings
 from analysis.experiment import Experiment, plan_runs
 from analysis.judge import DIMENSIONS
@@ -62,6 +69,7 @@ def test_report_writes_tables_figures_json(runs, tmp_path):
     assert all(value > 0 for value in table["values"]["relative"][3])
 
     markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# Layer report: tiny-llama\n")
     assert "## Alignment tax" in markdown
     assert "| global | facts | yes |" in markdown
     assert "not adapted" in markdown
@@ -119,7 +127,7 @@ def test_cli_rejects_run_without_config(tmp_path, capsys):
     assert len(error.splitlines()) == 1
     assert "not-a-run" in error
     assert "has no config.json" in error
-    assert "align" in error
+    assert "`align --output-dir runs --run-name <name>`" in error
 
 
 def judge_results(run_names: list[str]) -> dict:
@@ -238,3 +246,158 @@ def test_experiment_rejects_unknown_strategy(tmp_path, capsys):
 
     assert status == 2
     assert "unknown strategy 'middle'" in capsys.readouterr().err
+
+
+def test_experiment_help_matches_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "--help"])
+    help_text = capsys.readouterr().out
+
+    assert "--no-eval" not in help_text
+    assert "(default: auto)" in help_text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["experiment", "--out", "report", "--no-eval"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-eval" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("parser", "argv"),
+    [(report_parser(), ["runs/a", "--out", "report", "--dev", "cpu"]), (experiment_parser(), ["--out", "report", "--dev", "cpu"])],
+    ids=["report", "experiment"],
+)
+def test_parsers_reject_abbreviated_flags(parser, argv, capsys):
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+
+    assert "unrecognized arguments: --dev cpu" in capsys.readouterr().err
+
+
+def test_cli_hides_gradient_checkpointing_warning(runs, tmp_path, monkeypatch):
+    def warn_like_peft(*args, **kwargs):
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("another FutureWarning", FutureWarning)
+        return {}
+
+    monkeypatch.setattr("analysis.report.build_report", warn_like_peft)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = main([str(runs[0]), "--out", str(tmp_path / "out"), "--no-eval"])
+
+    assert status == 0
+    messages = [str(warning.message) for warning in caught]
+    assert messages == ["another FutureWarning"]
+
+
+# -- experiment: reuse, resume and rejection of existing run directories ----------------------------
+
+
+def experiment_argv(runs_dir: Path, out: Path, *, model: str = "tiny-llama", max_steps: int = 2) -> list[str]:
+    return ["experiment", "--model", model, "--strategies", "base,local", "--max-steps", str(max_steps),
+            "--runs-dir", str(runs_dir), "--out", str(out), "--device", "cpu"]
+
+
+def planned_config(runs_dir: Path, *, model: str = "tiny-llama", max_steps: int = 2) -> AlignConfig:
+    """The AlignConfig that `experiment_argv` plans for local-seed0."""
+    args = experiment_parser().parse_args(experiment_argv(runs_dir, Path("out"), model=model, max_steps=max_steps)[1:])
+    experiment = Experiment(model=args.model, strategies=("base", "local"), max_steps=args.max_steps, runs_dir=args.runs_dir,
+                            align_options={"n_train": args.n_train, "n_heldout": args.n_heldout, "device": args.device})
+    return AlignConfig(**plan_runs(experiment)[0].options)
+
+
+def save_run(runs_dir: Path, config: AlignConfig, *, finished: bool = True) -> Path:
+    """Write runs_dir/local-seed0 with a real adapter and `config` as its saved settings."""
+    run_dir = make_run(runs_dir, "local-seed0", model=config.model, seed=config.seed)
+    record = json.loads((run_dir / "config.json").read_text())
+    record["config"] = config.to_dict()
+    (run_dir / "config.json").write_text(json.dumps(record))
+    if not finished:
+        shutil.rmtree(run_dir / "adapter")
+    return run_dir
+
+
+@pytest.fixture
+def stub_experiment(monkeypatch):
+    """Replace training and the report with recorders, so only the experiment's bookkeeping runs."""
+    calls = {"trained": [], "reported": []}
+
+    def run_alignment(config, **kwargs):
+        calls["trained"].append(config)
+        return Path(config.output_dir) / config.resolved_run_name
+
+    def build_report(run_dirs, out_dir, **kwargs):
+        calls["reported"].append([Path(path) for path in run_dirs])
+        return {}
+
+    monkeypatch.setattr(trainer_module, "run_alignment", run_alignment)
+    monkeypatch.setattr(experiment_module, "build_report", build_report)
+    monkeypatch.setattr(cli_module, "load_data", lambda args: None)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("model", "max_steps", "difference"),
+    [("tiny-qwen2", 2, "model: 'tiny-llama' -> 'tiny-qwen2'"), ("tiny-llama", 3, "max_steps: 2 -> 3")],
+    ids=["model", "max_steps"],
+)
+def test_experiment_rejects_run_with_other_settings(tmp_path, capsys, stub_experiment, model, max_steps, difference):
+    run_dir = save_run(tmp_path / "runs", planned_config(tmp_path / "runs"))
+
+    status = main(experiment_argv(tmp_path / "runs", tmp_path / "out", model=model, max_steps=max_steps))
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert f"run directory {run_dir} contains a run with other settings" in error
+    assert difference in error
+    assert "use another --runs-dir, or delete" in error
+    assert stub_experiment["trained"] == []
+    assert stub_experiment["reported"] == []
+
+
+def test_experiment_reuses_matching_finished_run(tmp_path, stub_experiment):
+    run_dir = save_run(tmp_path / "runs", planned_config(tmp_path / "runs"))
+
+    status = main(experiment_argv(tmp_path / "runs", tmp_path / "out"))
+
+    assert status == 0
+    assert stub_experiment["trained"] == []
+    assert stub_experiment["reported"] == [[run_dir]]
+
+
+def test_experiment_resumes_unfinished_run(tmp_path, stub_experiment):
+    save_run(tmp_path / "runs", planned_config(tmp_path / "runs"), finished=False)
+
+    status = main(experiment_argv(tmp_path / "runs", tmp_path / "out"))
+
+    assert status == 0
+    assert [config.resume for config in stub_experiment["trained"]] == [True]
+
+
+def test_experiment_trains_new_run_without_resume(tmp_path, stub_experiment):
+    status = main(experiment_argv(tmp_path / "runs", tmp_path / "out"))
+
+    assert status == 0
+    assert [config.resume for config in stub_experiment["trained"]] == [False]
+    assert stub_experiment["trained"][0].device == "cpu"
+
+
+def test_experiment_continues_after_kill(tmp_path, monkeypatch):
+    """Train for real, remove the adapter as a kill before saving it would leave it, and rerun."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"{capability} {i}: ", "chosen": "yes", "rejected": "no"}
+            for capability in ("syntax", "logic", "facts") for i in range(4)]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setattr(experiment_module, "build_report", lambda run_dirs, out_dir, **kwargs: {})
+    experiment = Experiment(
+        model="tiny-llama", strategies=("local",), max_steps=2, runs_dir=tmp_path / "runs",
+        align_options={"data": str(pairs), "per_device_batch_size": 2, "max_length": 32, "save_steps": 1,
+                       "device": "cpu"},
+    )
+    experiment_module.run_experiment(experiment, tmp_path / "out")
+    run_dir = tmp_path / "runs" / "local-seed0"
+    shutil.rmtree(run_dir / "adapter")
+
+    experiment_module.run_experiment(experiment, tmp_path / "out")
+
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "checkpoints").is_dir()
