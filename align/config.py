@@ -19,6 +19,8 @@ RANK_BY_CHOICES = ("attribution", "attribution-lr")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 REPORT_TO_CHOICES = ("none", "tensorboard", "wandb", "trackio", "mlflow", "all")
 SINGLE_STRATEGIES = ("full", "routed")
+# The file in every run directory that stores the resolved config.
+CONFIG_FILE = "config.json"
 
 # Loss types accepted by TRL 1.16's `DPOConfig.loss_type`.
 LOSS_TYPES = (
@@ -69,7 +71,10 @@ class AlignConfig:
     resume: bool = setting(False, "Continue an interrupted run from its last checkpoint in <run>/checkpoints.")
 
     # Optimisation
-    seed: int = setting(0, "Random seed of adapter initialisation, data order and the suite split.")
+    seed: int = setting(
+        0, "Random seed of adapter initialisation, data order and the suite's sampling, edits and wrong answers "
+        "(the suite's train/held-out split does not depend on it).",
+    )
     max_steps: int = setting(50, "Optimizer steps per adapter.")
     learning_rate: float = setting(1e-4, "Peak AdamW learning rate (linear decay to 0).")
     beta: float = setting(0.1, "DPO beta: the strength of the KL penalty towards the reference model.")
@@ -225,7 +230,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for item in fields(AlignConfig):
         flag = "--" + item.name.replace("_", "-")
         default = item.default if item.default is not MISSING else item.default_factory()  # type: ignore[misc]
-        help_text = f"{item.metadata['help']} (default: {default})"
+        help_text = item.metadata["help"]
+        if "default:" not in help_text.lower():  # some help texts describe a computed default themselves
+            help_text = f"{help_text} (default: {default})"
         annotation = base_type(types[item.name])
         is_optional = type(None) in typing.get_args(types[item.name])
         common = {"dest": item.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -259,14 +266,45 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> AlignConfig:
-    """Merge defaults, the `--config` file (if any) and explicit flags, in that order of precedence."""
+    """Merge defaults, the `--config` file (if any) and explicit flags, in that order of precedence.
+
+    With `--resume` and an existing run directory, the run's saved config.json
+    takes the place of the defaults, so only the run name and output directory
+    are needed. The settings passed explicitly (file or flags) still apply, and
+    `check_run_directory` rejects those that change the trained weights.
+    """
+    explicit = explicit_settings(namespace)
+    requested = AlignConfig.from_dict(explicit, source=str(getattr(namespace, "config", None) or "flags"))
+    if not requested.resume:
+        return requested
+
+    saved_path = Path(requested.output_dir) / requested.resolved_run_name / CONFIG_FILE
+    if not saved_path.is_file():
+        return requested  # check_run_directory reports that there is no run to resume
+    merged = load_config_file(saved_path)
+    AlignConfig.from_dict(merged, source=str(saved_path))
+    merge_dpo_args(explicit, merged)
+    merged.update(explicit)
+    # The run was found under the requested directory and name, wherever it was first written.
+    merged["output_dir"] = requested.output_dir
+    merged["run_name"] = requested.resolved_run_name
+    return AlignConfig.from_dict(merged, source=str(saved_path))
+
+
+def explicit_settings(namespace: argparse.Namespace) -> dict[str, Any]:
+    """Return the settings the user passed: the `--config` file's fields overridden by explicit flags."""
     explicit = {key: value for key, value in vars(namespace).items() if key not in ("config", "verbose")}
     merged: dict[str, Any] = {}
     config_path = getattr(namespace, "config", None)
     if config_path is not None:
         merged.update(load_config_file(config_path))
         AlignConfig.from_dict(merged, source=str(config_path))  # reject unknown keys before merging flags
-    if "dpo_args" in explicit and isinstance(merged.get("dpo_args"), dict):
-        explicit["dpo_args"] = {**merged["dpo_args"], **explicit["dpo_args"]}
+    merge_dpo_args(explicit, merged)
     merged.update(explicit)
-    return AlignConfig.from_dict(merged, source=str(config_path or "flags"))
+    return merged
+
+
+def merge_dpo_args(explicit: dict[str, Any], base: dict[str, Any]) -> None:
+    """Let explicit `--dpo-arg` options add to the base settings' `dpo_args` instead of replacing them."""
+    if "dpo_args" in explicit and isinstance(base.get("dpo_args"), dict):
+        explicit["dpo_args"] = {**base["dpo_args"], **explicit["dpo_args"]}

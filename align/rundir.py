@@ -20,16 +20,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from align.config import AlignConfig, AlignConfigError
+from align.config import CONFIG_FILE, AlignConfig, AlignConfigError
 from probe.io import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 # Settings that may change when a run is resumed: they do not affect the trained weights.
-RESUMABLE_CHANGES = frozenset({"resume", "report_to", "eval_heldout", "n_heldout", "device", "logging_steps"})
+# `run_name` is compared as the resolved directory name, and `output_dir` may differ after the runs were moved.
+RESUMABLE_CHANGES = frozenset({
+    "resume", "report_to", "eval_heldout", "n_heldout", "device", "logging_steps", "output_dir", "run_name",
+})
 VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "hieralign")
 
 
@@ -59,21 +61,28 @@ def check_run_directory(run_dir: Path, config: AlignConfig) -> None:
     if not config.resume:
         if saved_path.exists():
             raise AlignConfigError(
-                f"`run_name`: the run directory {run_dir} already holds a run; pass --resume to continue it, "
+                f"`run_name`: the run directory {run_dir} already holds a run; continue it with "
+                f"`align --output-dir {config.output_dir} --run-name {config.resolved_run_name} --resume`, "
                 "or choose another --run-name or --output-dir"
             )
         return
     if not saved_path.exists():
-        raise AlignConfigError(f"`resume`: {run_dir} has no {CONFIG_FILE}, so there is no run to resume; drop --resume")
+        raise AlignConfigError(
+            f"`resume`: {run_dir} has no {CONFIG_FILE}, so there is no run to resume; check --output-dir and "
+            "--run-name, or drop --resume"
+        )
 
     saved = json.loads(saved_path.read_text(encoding="utf-8")).get("config", {})
     current = config.to_dict()
     changed = sorted(key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key])
-    if changed:
-        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+    details = [f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed]
+    saved_name = AlignConfig.from_dict(saved, source=str(saved_path)).resolved_run_name
+    if saved_name != config.resolved_run_name:
+        details.insert(0, f"run name: {saved_name!r} -> {config.resolved_run_name!r}")
+    if details:
         raise AlignConfigError(
-            f"`resume`: settings differ from the saved run in {run_dir} ({details}); resume with the same "
-            "settings, or start a new run with another --run-name"
+            f"`resume`: settings differ from the saved run in {run_dir} ({', '.join(details)}); drop those flags "
+            "to resume with the saved settings, or start a new run with another --run-name"
         )
 
 
