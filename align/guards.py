@@ -248,11 +248,17 @@ class StuckLossCallback(TrainerCallback):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Append one JSON line per logging step to metrics.jsonl (main process only)."""
+    """Append one JSON line per logging step and at the last step to metrics.jsonl (main process only)."""
 
     def __init__(self, path: Path, adapter: str):
         self.path = path
         self.adapter = adapter
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The Trainer logs every `logging_steps` only; log the last step too, so that every run has metrics.
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:

@@ -208,7 +208,7 @@ class CoverageReport:
                 lines.append(f"{row['block']:<14} frozen")
                 continue
             lines.append(
-                f"{row['block']:<14} layers {row['layers'][0]}-{row['layers'][-1]}  {row['modules']:>3} LoRA modules  "
+                f"{row['block']:<14} layers [{row['layers'][0]}, {row['layers'][-1] + 1})  {row['modules']:>3} LoRA modules  "
                 f"r={row['rank']} alpha={row['alpha']}  {row['trainable_params']:,} trainable parameters"
             )
         return lines

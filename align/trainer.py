@@ -14,11 +14,14 @@ held once.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import PartialState
@@ -40,6 +43,7 @@ from align.rundir import (
     EVAL_FILE,
     METRICS_FILE,
     check_run_directory,
+    checkpoint_step,
     last_complete_checkpoint,
     package_versions,
     read_run_config,
@@ -50,7 +54,7 @@ from align.rundir import (
 )
 from align.strategy import AdapterPlan, plan_adapters
 from probe.io import write_json_atomic
-from probe.models import LoadedModel, load_model
+from probe.models import LoadedModel, load_model, resolve_device
 from probe.partition import Partition, resolve_partition
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,11 @@ MANAGED_DPO_OPTIONS = frozenset({
     "activation_checkpointing", "activation_checkpointing_kwargs", "seed", "data_seed", "logging_steps",
     "save_steps", "report_to", "use_cpu",
 })
+
+
+# PEFT 0.21 and TRL 1.16 read `is_gradient_checkpointing`, which transformers 5.25 deprecates with a
+# FutureWarning, so every run printed it; align's own code does not use the property.
+DEPRECATED_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
 
 
 class BlockDPOTrainer(DPOTrainer):
@@ -112,13 +121,7 @@ def build_dpo_config(config: AlignConfig, output_dir: Path) -> DPOConfig:
     Raises:
         AlignConfigError: If a `--dpo-arg` key is not a DPOConfig option or is set by a dedicated flag.
     """
-    valid = set(DPOConfig.__dataclass_fields__)
-    for key in config.dpo_args:
-        if key not in valid:
-            raise AlignConfigError(f"`dpo_args`: {key!r} is not a TRL DPOConfig option; see DPOConfig in the TRL docs")
-        if key in MANAGED_DPO_OPTIONS:
-            raise AlignConfigError(f"`dpo_args`: set {key!r} with its own flag --{key.replace('_', '-')}, not --dpo-arg")
-
+    check_dpo_args(config)
     options: dict[str, Any] = {
         "output_dir": str(output_dir),
         "max_steps": config.max_steps,
@@ -149,6 +152,16 @@ def build_dpo_config(config: AlignConfig, output_dir: Path) -> DPOConfig:
     return DPOConfig(**options)
 
 
+def check_dpo_args(config: AlignConfig) -> None:
+    """Reject a `--dpo-arg` key that is not a DPOConfig option or that a dedicated flag sets."""
+    valid = set(DPOConfig.__dataclass_fields__)
+    for key in config.dpo_args:
+        if key not in valid:
+            raise AlignConfigError(f"`dpo_args`: {key!r} is not a TRL DPOConfig option; see DPOConfig in the TRL docs")
+        if key in MANAGED_DPO_OPTIONS:
+            raise AlignConfigError(f"`dpo_args`: set {key!r} with its own flag --{key.replace('_', '-')}, not --dpo-arg")
+
+
 def model_metadata(loaded: LoadedModel) -> dict[str, Any]:
     return {
         "name": loaded.spec.name,
@@ -161,8 +174,9 @@ def model_metadata(loaded: LoadedModel) -> dict[str, Any]:
 
 def load_base(config: AlignConfig) -> LoadedModel:
     """Load the model on the CPU (the Trainer moves it) and make sure it carries no adapter."""
-    loaded = load_model(config.model, dtype=config.dtype, device="cpu", layers_path=config.layers_path)
-    loaded.model = prepare_base_model(loaded.model, merge=config.merge_adapter, name=repr(config.model))
+    with ignore_checkpointing_deprecation():  # loading a model that carries an adapter goes through PEFT
+        loaded = load_model(config.model, dtype=config.dtype, device="cpu", layers_path=config.layers_path)
+        loaded.model = prepare_base_model(loaded.model, merge=config.merge_adapter, name=repr(config.model))
     return loaded
 
 
@@ -170,6 +184,18 @@ def runs_on_cpu(config: AlignConfig) -> bool:
     """Tell whether training runs on the CPU: `--device cpu`, `accelerate launch --cpu`, or no CUDA device."""
     forced = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
     return config.device == "cpu" or forced or not torch.cuda.is_available()
+
+
+def check_device(config: AlignConfig) -> None:
+    """Reject an invalid `--device`, or one that names CUDA on a machine without CUDA, before any work."""
+    try:
+        device = resolve_device(config.device)  # ValueError for unknown names and for `cuda` without CUDA
+    except RuntimeError as error:  # torch.device rejects malformed names such as `cuda:x`
+        raise AlignConfigError(f"`device` (--device) must be cpu, cuda, cuda:N or auto, got {config.device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AlignConfigError(
+            f"`device` (--device) is {config.device!r} but CUDA is not available; use --device cpu or auto"
+        )
 
 
 def select_device(config: AlignConfig, state: PartialState) -> None:
@@ -188,9 +214,10 @@ def train_adapter(
     adapter: AdapterPlan,
     config: AlignConfig,
     run_dir: Path,
+    rows: list[dict[str, Any]],
     callbacks: list[TrainerCallback],
 ) -> CoverageReport:
-    """Wrap `loaded.model` with one LoRA adapter, check its coverage, train it and save it.
+    """Wrap `loaded.model` with one LoRA adapter, check its coverage, train it on `rows` and save it.
 
     Returns:
         The coverage read back from the wrapped model.
@@ -202,31 +229,31 @@ def train_adapter(
     """
     scale_over = routed_blocks(partition, config)
     lora_config = build_lora_config(partition, adapter.blocks, loaded.stack, config, scale_over=scale_over)
-    rows = load_pairs(adapter.data, config, capability=adapter.capability if config.strategy == "routed" else None)
     checkpoint_dir = run_dir / adapter.checkpoints
     resume_from = last_complete_checkpoint(checkpoint_dir) if config.resume else None
     trim_metrics(run_dir / METRICS_FILE, adapter.name, resume_step(resume_from))
 
     monitor = LossMonitor(loss_type=config.loss_type, check_step0=resume_from is None)
     nonfinite = NonFiniteLossCallback(monitor, run_dir / f"nonfinite_batch_{adapter.name}.json")
-    trainer = BlockDPOTrainer(
-        model=loaded.model,
-        ref_model=None,
-        args=build_dpo_config(config, checkpoint_dir),
-        train_dataset=to_dataset(rows),
-        processing_class=loaded.tokenizer,
-        peft_config=lora_config,
-        callbacks=[MetricsFileCallback(run_dir / METRICS_FILE, adapter.name), nonfinite,
-                   StuckLossCallback(config.loss_type), *callbacks],
-        monitor=monitor,
-        lr_scales=learning_rate_scales(partition, adapter, config, scale_over),
-        layers_path=loaded.stack.path,
-    )
-    check_reference_is_base(trainer)
-    report = verify_coverage(trainer, partition, adapter, config, loaded.stack.path, scale_over)
-    log_coverage(report, partition, adapter, len(rows))
+    with ignore_checkpointing_deprecation():
+        trainer = BlockDPOTrainer(
+            model=loaded.model,
+            ref_model=None,
+            args=build_dpo_config(config, checkpoint_dir),
+            train_dataset=to_dataset(rows),
+            processing_class=loaded.tokenizer,
+            peft_config=lora_config,
+            callbacks=[MetricsFileCallback(run_dir / METRICS_FILE, adapter.name), nonfinite,
+                       StuckLossCallback(config.loss_type), *callbacks],
+            monitor=monitor,
+            lr_scales=learning_rate_scales(partition, adapter, config, scale_over),
+            layers_path=loaded.stack.path,
+        )
+        check_reference_is_base(trainer)
+        report = verify_coverage(trainer, partition, adapter, config, loaded.stack.path, scale_over)
+        log_coverage(report, partition, adapter, len(rows))
 
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     if nonfinite.stopped_at is not None:
         raise nonfinite.error(last_complete_checkpoint(checkpoint_dir))
 
@@ -239,6 +266,14 @@ def train_adapter(
     return report
 
 
+@contextlib.contextmanager
+def ignore_checkpointing_deprecation() -> Iterator[None]:
+    """Hide the `is_gradient_checkpointing` FutureWarning that the installed PEFT/TRL trigger, and no other warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING_WARNING, category=FutureWarning)
+        yield
+
+
 def resume_step(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
@@ -248,11 +283,15 @@ def resume_step(checkpoint: Path | None) -> int:
 def routed_blocks(partition: Partition, config: AlignConfig) -> list[str] | None:
     """Return the blocks of a `routed` run, which share one unit for `--rank-by`, or None for other strategies."""
     if config.strategy != "routed":
-        if config.rank_by is not None and len(config.blocks or [config.strategy]) == 1 and config.strategy != "full":
-            logger.warning("--rank-by %s has no effect when one block is trained; drop it to silence this warning",
-                           config.rank_by)
         return None
     return config.blocks or partition.names
+
+
+def warn_unused_rank_by(config: AlignConfig) -> None:
+    single_block = len(config.blocks or [config.strategy]) == 1 and config.strategy not in ("full", "routed")
+    if config.rank_by is not None and single_block:
+        logger.warning("--rank-by %s has no effect when one block is trained; drop it to silence this warning",
+                       config.rank_by)
 
 
 def learning_rate_scales(
@@ -316,6 +355,7 @@ def run_alignment(config: AlignConfig, *, callbacks: list[TrainerCallback] | Non
         AlignConfigError, probe.partition.PartitionError, ValueError: For invalid settings or input files.
         CoverageError, ReferenceMismatchError, NonFiniteLossError: When a training guard fires.
     """
+    check_device(config)
     # Created before anything else, with the CPU flag that DPOConfig will also pass, so every later
     # PartialState (the Trainer's included) shares this distributed set-up.
     state = PartialState(cpu=runs_on_cpu(config))
@@ -329,29 +369,75 @@ def run_alignment(config: AlignConfig, *, callbacks: list[TrainerCallback] | Non
     meta = model_metadata(loaded)
     partition = resolve_partition(config.partition, loaded.num_layers, meta)
     strategy, adapters = plan_adapters(partition, config)
+    pairs = prepare_inputs(partition, adapters, config, run_dir)
     record = run_record(config, partition, strategy, adapters, meta)
     if config.resume:
         record["coverage"] = read_run_config(run_dir).get("coverage", {})
+    created = not run_dir.exists()
     if state.is_main_process:
         write_run_config(run_dir, record)
 
-    for index, adapter in enumerate(adapters):
-        if config.resume and (run_dir / adapter.path / "adapter_config.json").is_file():
-            logger.info("adapter %r is already trained (%s); skipping it", adapter.name, run_dir / adapter.path)
-            continue
-        if index > 0 or loaded is None:
-            loaded = load_base(config)  # each routed adapter starts from an unwrapped base model
-        report = train_adapter(loaded, partition, adapter, config, run_dir, list(callbacks or []))
-        record["coverage"][adapter.name] = report.to_dict(partition)
-        if state.is_main_process:
-            write_run_config(run_dir, record)
-        loaded = None
+    try:
+        for index, adapter in enumerate(adapters):
+            if config.resume and (run_dir / adapter.path / "adapter_config.json").is_file():
+                logger.info("adapter %r is already trained (%s); skipping it", adapter.name, run_dir / adapter.path)
+                continue
+            if index > 0 or loaded is None:
+                loaded = load_base(config)  # each routed adapter starts from an unwrapped base model
+            report = train_adapter(loaded, partition, adapter, config, run_dir, pairs[adapter.name],
+                                   list(callbacks or []))
+            record["coverage"][adapter.name] = report.to_dict(partition)
+            if state.is_main_process:
+                write_run_config(run_dir, record)
+            loaded = None
+    except BaseException:
+        if created and state.is_main_process:
+            remove_unsaved_run(run_dir)
+        raise
 
     if config.eval_heldout and state.is_main_process:
-        evaluate_run(config, run_dir, adapters)
+        with ignore_checkpointing_deprecation():
+            evaluate_run(config, run_dir, adapters)
     state.wait_for_everyone()
     logger.info("run finished: %s", run_dir)
     return run_dir
+
+
+def prepare_inputs(
+    partition: Partition, adapters: list[AdapterPlan], config: AlignConfig, run_dir: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Load every adapter's training pairs and check the DPO and `--rank-by` settings before the run directory exists.
+
+    Returns:
+        Adapter name -> its training pairs.
+
+    Raises:
+        AlignConfigError: For missing pairs or capabilities, an invalid `--dpo-arg` or missing attribution masses.
+        probe.data.sources.SourceFetchError: If the suite sources cannot be fetched.
+    """
+    warn_unused_rank_by(config)
+    build_dpo_config(config, run_dir / "checkpoints")  # DPOConfig validates the --dpo-arg values
+    scale_over = routed_blocks(partition, config)
+    pairs = {}
+    for adapter in adapters:
+        layer_ranks(partition, adapter.blocks, config, scale_over=scale_over)
+        learning_rate_scales(partition, adapter, config, scale_over)
+        capability = adapter.capability if config.strategy == "routed" else None
+        pairs[adapter.name] = load_pairs(adapter.data, config, capability=capability)
+    return pairs
+
+
+def remove_unsaved_run(run_dir: Path) -> None:
+    """Delete a run directory that this run created when it holds no checkpoint and no adapter yet.
+
+    Then the corrected command can start again without --resume.
+    """
+    saved = [path for path in run_dir.rglob("*") if path.name == "adapter" or checkpoint_step(path) >= 0]
+    if saved:
+        logger.info("keeping %s: it holds %s", run_dir, saved[0])
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logger.info("removed %s because the run failed before saving a checkpoint or an adapter", run_dir)
 
 
 def run_record(
