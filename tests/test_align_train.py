@@ -297,7 +297,7 @@ def test_stuck_loss_warns(tmp_path, pairs, caplog):
 def test_existing_run_needs_resume(tmp_path, pairs):
     config = small_config(tmp_path, pairs, max_steps=1)
     run_alignment(config)
-    with pytest.raises(AlignConfigError, match="already holds a run; pass --resume"):
+    with pytest.raises(AlignConfigError, match="already holds a run; continue it with `align --output-dir"):
         run_alignment(config)
     changed = small_config(tmp_path, pairs, max_steps=1, lora_r=4, resume=True)
     with pytest.raises(AlignConfigError, match=r"lora_r: 8 -> 4"):
@@ -368,3 +368,41 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, pairs):
     weights_again = load_file(str(killed_dir / "adapter" / "adapter_model.safetensors"))
     for key, value in weights_straight.items():
         torch.testing.assert_close(weights_again[key], value, rtol=0, atol=1e-6)
+
+
+# -- command line ------------------------------------------------------------------
+
+
+def test_metrics_written_below_logging_steps(tmp_path, pairs):
+    run_dir = run_alignment(small_config(tmp_path, pairs, max_steps=2, logging_steps=5))
+    assert [line["step"] for line in read_metrics(run_dir)] == [2]
+
+
+def test_run_hides_checkpointing_deprecation(tmp_path, pairs):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_alignment(small_config(tmp_path, pairs, max_steps=1))
+    messages = [str(warning.message) for warning in caught]
+    assert not [message for message in messages if "is_gradient_checkpointing" in message]
+
+
+def test_cli_resume_needs_only_run_directory(tmp_path, pairs, capsys):
+    from align.cli import main
+
+    output_dir = str(tmp_path / "R")
+    assert main(["--model", "tiny-llama", "--data", str(pairs), "--max-steps", "2", "--max-length", "64",
+                 "--no-eval-heldout", "--output-dir", output_dir]) == 0
+    assert main(["--run-name", "tiny-llama-global-s0", "--output-dir", output_dir, "--resume"]) == 0
+    assert main(["--run-name", "tiny-llama-global-s0", "--output-dir", output_dir, "--resume",
+                 "--max-steps", "3"]) == 2
+    assert "max_steps: 2 -> 3" in capsys.readouterr().err
+
+
+def test_failed_step0_check_removes_run_directory(tmp_path, pairs):
+    config = small_config(tmp_path, pairs)
+    with pytest.raises(ReferenceMismatchError):
+        run_alignment(config, callbacks=[PoisonLora("begin", 5.0)])
+    assert not (tmp_path / "runs" / "tiny-llama-global-s0").exists()
+    run_alignment(config)
