@@ -97,7 +97,7 @@ def fit_probes(features: LayerFeatures, labels: np.ndarray, groups: np.ndarray, 
 
     for index, capability in enumerate(tqdm(CAPABILITIES, desc="linear probes", unit="capability")):
         rows = np.flatnonzero(groups == index)
-        probe = LinearProbeSuite(n_splits=config.n_splits, random_state=config.seed)
+        probe = LinearProbeSuite(n_splits=config.n_splits, random_state=config.seed, n_jobs=-1)
         # The good and the corrupted text of a pair share a fold, so the probe never sees one while tested on the other.
         probe.fit(features.all_layers(config.pooling, rows), labels[rows], groups=pair_index[rows])
         signals.probe_accuracy[capability] = probe.accuracy_
