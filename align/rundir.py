@@ -53,7 +53,7 @@ def check_run_directory(run_dir: Path, config: AlignConfig) -> None:
     """Reject a fresh run over an existing one, and a resume whose settings changed.
 
     Raises:
-        AlignConfigError: If `run_dir` holds a run and `resume` is false, if
+        AlignConfigError: If `run_dir` contains a run and `resume` is false, if
             `resume` is true and there is no run, or if a setting that
             affects training differs from the saved run.
     """
@@ -61,7 +61,7 @@ def check_run_directory(run_dir: Path, config: AlignConfig) -> None:
     if not config.resume:
         if saved_path.exists():
             raise AlignConfigError(
-                f"`run_name`: the run directory {run_dir} already holds a run; continue it with "
+                f"`run_name`: the run directory {run_dir} already contains a run; continue it with "
                 f"`align --output-dir {config.output_dir} --run-name {config.resolved_run_name} --resume`, "
                 "or choose another --run-name or --output-dir"
             )

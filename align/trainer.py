@@ -428,13 +428,13 @@ def prepare_inputs(
 
 
 def remove_unsaved_run(run_dir: Path) -> None:
-    """Delete a run directory that this run created when it holds no checkpoint and no adapter yet.
+    """Delete a run directory that this run created when it contains no checkpoint and no adapter yet.
 
     Then the corrected command can start again without --resume.
     """
     saved = [path for path in run_dir.rglob("*") if path.name == "adapter" or checkpoint_step(path) >= 0]
     if saved:
-        logger.info("keeping %s: it holds %s", run_dir, saved[0])
+        logger.info("keeping %s: it contains %s", run_dir, saved[0])
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     logger.info("removed %s because the run failed before saving a checkpoint or an adapter", run_dir)

@@ -47,7 +47,7 @@ class AdapterInfo:
 
 @dataclass
 class RunInfo:
-    """What the analysis needs from a run directory.
+    """Settings and files of one run directory that the analysis reads.
 
     Attributes:
         path: The run directory.

@@ -118,7 +118,7 @@ def capture_batch(
         return hook
 
     handles = [stack.layers[index].register_forward_hook(make_hook(index)) for index in wanted]
-    # Positions count real tokens only, so a left-padded example sees the same positions as unpadded.
+    # Positions count real tokens only, so a left-padded example gets the same positions as an unpadded one.
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -166,7 +166,7 @@ class LayerFeatures:
         return np.asarray(rows, dtype=np.float32)
 
     def all_layers(self, pooling: Pooling = "mean", index: np.ndarray | None = None) -> np.ndarray:
-        """All features, float32 of shape (n_layers, n_examples, hidden_size)."""
+        """Read all features, float32 of shape (n_layers, n_examples, hidden_size)."""
         return np.stack([self.layer(position, pooling, index) for position in range(len(self.layers))])
 
 

@@ -98,7 +98,7 @@ def fit_probes(features: LayerFeatures, labels: np.ndarray, groups: np.ndarray, 
     for index, capability in enumerate(tqdm(CAPABILITIES, desc="linear probes", unit="capability")):
         rows = np.flatnonzero(groups == index)
         probe = LinearProbeSuite(n_splits=config.n_splits, random_state=config.seed, n_jobs=-1)
-        # The good and the corrupted text of a pair share a fold, so the probe never sees one while tested on the other.
+        # The good and the corrupted text of a pair share a fold, so no probe trains on one and is tested on the other.
         probe.fit(features.all_layers(config.pooling, rows), labels[rows], groups=pair_index[rows])
         signals.probe_accuracy[capability] = probe.accuracy_
         signals.probe_ci[capability] = probe.accuracy_ci_
@@ -171,7 +171,7 @@ def segmentation_features(signals: LayerSignals, cka: np.ndarray | None = None,
 
 
 def bootstrap_feature_fn(signals: LayerSignals, features: LayerFeatures, config: DiscoverConfig):
-    """Return f(indices) -> segmentation features recomputed from resampled examples.
+    """Build f(indices) that recomputes the segmentation features from resampled examples.
 
     CKA is recomputed on a resample of the CKA examples and the attribution
     profiles on a resample of the attribution pairs; one index vector drives

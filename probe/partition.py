@@ -278,7 +278,7 @@ class Partition:
         write_json_atomic(path, self.to_dict())
 
     def describe(self) -> list[str]:
-        """One line per block: name, layer range, size, capability, stability."""
+        """Describe each block in one line: name, layer range, size, capability, stability."""
         lines = []
         for block in self.blocks:
             stability = f"{block.stability:.2f}" if block.stability is not None else "n/a"

@@ -297,7 +297,7 @@ def test_stuck_loss_warns(tmp_path, pairs, caplog):
 def test_existing_run_needs_resume(tmp_path, pairs):
     config = small_config(tmp_path, pairs, max_steps=1)
     run_alignment(config)
-    with pytest.raises(AlignConfigError, match="already holds a run; continue it with `align --output-dir"):
+    with pytest.raises(AlignConfigError, match="already contains a run; continue it with `align --output-dir"):
         run_alignment(config)
     changed = small_config(tmp_path, pairs, max_steps=1, lora_r=4, resume=True)
     with pytest.raises(AlignConfigError, match=r"lora_r: 8 -> 4"):
